@@ -1,0 +1,38 @@
+"""Test set-up. Runs before anything imports triton.
+
+Without a CUDA device the kernels run in Triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1). With one, they are compiled and the tests put their tensors on the GPU;
+set TRITON_INTERPRET=1 yourself to interpret there too.
+"""
+
+import os
+
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+import pytest  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests put their tensors: CUDA when kernels compile, else CPU (interpreter)."""
+    return "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    # A FASTPPO_BACKEND left in the shell would turn kernel tests into reference-vs-reference.
+    monkeypatch.delenv("FASTPPO_BACKEND", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA and not INTERPRET:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device with compiled Triton kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
