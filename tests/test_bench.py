@@ -1,0 +1,68 @@
+"""The benchmark harness: a quick CPU run writes a results file in the schema of DESIGN §7."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_harness():
+    # bench/ is a folder of the repository, not an installed package: load it from its path.
+    spec = importlib.util.spec_from_file_location("bench.harness", ROOT / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _load_harness()
+
+
+def test_quick_run_writes_schema(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--ops", "token_logprobs",
+           "--providers", "torch,fastppo,trl", "--cpu-budget-s", "0.05", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.with_suffix(".md").exists()
+    result = json.loads(json_path.read_text())
+    assert json_path.name.startswith(result["device"] + "-" + result["date"])
+    for key, typ in [("device", str), ("torch", str), ("triton", str), ("commit", str), ("date", str),
+                     ("copy_gbps", float), ("records", list)]:  # fmt: skip
+        assert isinstance(result[key], typ), key
+    assert result["copy_gbps"] > 0
+    # 2 shapes × (fwd: torch, fastppo; fwd_bwd: torch, fastppo, fastppo in place)
+    assert len(result["records"]) == 10
+    for r in result["records"]:
+        assert r["op"] == "token_logprobs" and r["provider"] in harness.PROVIDERS and r["mode"] in harness.MODES
+        assert r["dtype"] == "bfloat16" and set(r["shape"]) >= {"N", "V"}
+        assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r["gbps"] > 0 and r["peak_bytes"] is None  # no peak memory on CPU
+    assert {r["provider"] for r in result["records"]} == {"torch", "fastppo"}
+    if "trl" not in proc.stdout:  # trl installed: it must have produced records
+        assert any(r["provider"] == "trl" for r in result["records"])
+
+
+def test_failures_are_reported_not_dropped():
+    def setup_fails():
+        raise RuntimeError("provider cannot run this")
+
+    ok = harness.Benchmark("token_logprobs", "torch", "fwd", "float32", {"N": 1}, 8, lambda: (lambda: None))
+    bad = harness.Benchmark("token_logprobs", "trl", "fwd", "float32", {"N": 1}, 8, setup_fails)
+    records, skipped = harness.run_cases([ok, bad], harness.torch.device("cpu"), cpu_budget_s=0.01, log=lambda _: None)
+    assert [r["provider"] for r in records] == ["torch"]
+    assert skipped[0]["provider"] == "trl" and "cannot run" in skipped[0]["reason"]
+
+
+def test_benchmark_rejects_unknown_provider_or_mode():
+    with pytest.raises(ValueError, match="provider"):
+        harness.Benchmark("x", "numpy", "fwd", "f32", {}, 0, lambda: None)
+    with pytest.raises(ValueError, match="mode"):
+        harness.Benchmark("x", "torch", "bwd", "f32", {}, 0, lambda: None)

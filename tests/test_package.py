@@ -1,0 +1,94 @@
+"""Installation layout, the `fastppo env` command and the report of a missing extension."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **env))  # fmt: skip
+
+
+def test_kernels_only_importable_as_fastppo_kernels(tmp_path):
+    proc = run_python("import kernels", tmp_path)
+    assert proc.returncode != 0 and "No module named 'kernels'" in proc.stderr
+    proc = run_python("import fastppo.kernels as k; print(k.__file__)", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parent.name == "kernels"
+
+
+def test_wheel_layout_and_import(tmp_path):
+    """`pip install .` (a wheel) ships fastppo.kernels and fastppo._C and no top-level kernels."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("fastppo-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastppo/kernels/token_logprobs.py" in names and "fastppo/kernels/__init__.py" in names
+    assert any(n.startswith("fastppo/_C") and n.endswith(".so") for n in names)
+    assert not any(n.startswith("kernels/") for n in names)
+
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                              str(wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    code = (
+        "import fastppo, fastppo.kernels, fastppo._C; print(fastppo.__file__); print(fastppo._C.__file__);"
+        "import importlib.util; print(importlib.util.find_spec('kernels'))"
+    )
+    proc = run_python(code, tmp_path, PYTHONPATH=str(site))
+    assert proc.returncode == 0, proc.stderr
+    pkg_file, ext_file, kernels_spec = proc.stdout.split()
+    assert pkg_file.startswith(str(site)) and ext_file.startswith(str(site)) and kernels_spec == "None"
+
+
+def test_env_command(tmp_path):
+    exe = shutil.which("fastppo", path=str(Path(sys.executable).parent)) or shutil.which("fastppo")
+    assert exe, "the fastppo console script is not installed"
+    proc = subprocess.run([exe, "env"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for key in ("python", "torch", "triton", "transformers", "cuda", "backend (cpu)", "fastppo._C"):
+        assert key in out, key
+    assert "fastppo._C     built" in out
+
+
+def test_env_reports_the_backend_choice(tmp_path):
+    code = "from fastppo.cli import env_report; print(env_report())"
+    out = run_python(code, tmp_path, FASTPPO_BACKEND="torch").stdout
+    assert "backend (cpu)  torch" in out
+    out = run_python(code, tmp_path, TRITON_INTERPRET="1", FASTPPO_BACKEND="auto").stdout
+    assert "backend (cpu)  triton-interpreter" in out
+    out = run_python(code, tmp_path, FASTPPO_BACKEND="triton", TRITON_INTERPRET="0").stdout
+    assert "backend (cpu)  unavailable" in out and "TRITON_INTERPRET=1" in out
+
+
+def test_missing_extension_is_reported_clearly(tmp_path):
+    code = (
+        "import sys; sys.modules['fastppo._C'] = None\n"  # as if the build had failed
+        "import torch, fastppo\n"
+        "assert not fastppo.extension_available()\n"
+        "from fastppo.cli import env_report; print(env_report())\n"
+        "fastppo.packing.unpad(torch.ones(2, 3, dtype=torch.bool))\n"
+    )
+    proc = run_python(code, tmp_path)
+    assert "fastppo._C     NOT BUILT" in proc.stdout
+    assert proc.returncode != 0 and "RuntimeError: fastppo._C, the C++ extension, is not built" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["nonsense"]])
+def test_cli_usage_errors(argv, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastppo.cli", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "usage: fastppo" in proc.stderr
