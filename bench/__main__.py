@@ -37,10 +37,19 @@ def device_name(device: torch.device) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -50,10 +59,11 @@ def markdown_table(result: dict) -> str:
     """One row per measurement, grouped by case, with the speed-up over eager PyTorch."""
     copy = result["copy_gbps"]
     lines = [
-        f"**{result['device']}** · torch {result['torch']} · triton {result['triton']} · commit {result['commit']}"
-        f" · {result['date']} · copy bandwidth {copy:.0f} GB/s",
+        f"**{result['device']}** · torch {result['torch']} · triton {result['triton']}"
+        f" · commit {result['commit']} · {result['date']} · copy bandwidth {copy:.0f} GB/s",
         "",
-        "| op | mode | dtype | shape | provider | ms (p20–p80) | GB/s | % of copy | peak extra MiB | vs torch |",
+        "| op | mode | dtype | shape | provider | ms (p20–p80) | GB/s | % of copy | peak extra MiB"
+        " | vs torch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {}
@@ -73,7 +83,9 @@ def markdown_table(result: dict) -> str:
         )
     for s in result.get("skipped", []):
         shape = " ".join(f"{k}={v}" for k, v in s["shape"].items())
-        lines.append(f"| {s['op']} | {s['mode']} | {s['dtype']} | {shape} | {s['provider']} | {s['reason']} | | | | |")
+        lines.append(
+            f"| {s['op']} | {s['mode']} | {s['dtype']} | {shape} | {s['provider']} | {s['reason']} | | | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -90,14 +102,19 @@ def _shape_key(shape: dict) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(BENCH_MODULES), help="comma-separated ops to run")
-    parser.add_argument("--providers", default="torch,compile,trl,verl,liger,fastppo",
-                        help="comma-separated providers (those not installed are left out)")  # fmt: skip
+    parser.add_argument(
+        "--providers",
+        default="torch,compile,trl,verl,liger,fastppo",
+        help="comma-separated providers (those not installed are left out)",
+    )
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
     parser.add_argument("--cpu-budget-s", type=float, default=2.0, help="seconds of repeats per case on CPU")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the results")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results"), help="folder for the results"
+    )
     args = parser.parse_args(argv)
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -110,13 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     copy = harness.copy_bandwidth_gbps(device)
-    print(f"device {device_name(device)}, copy bandwidth {copy:.1f} GB/s, fastppo backend "
-          f"{fastppo.active_backend(device)}", flush=True)  # fmt: skip
+    print(
+        f"device {device_name(device)}, copy bandwidth {copy:.1f} GB/s, fastppo backend "
+        f"{fastppo.active_backend(device)}",
+        flush=True,
+    )
     records, skipped = [], []
     for op in ops:
         module = importlib.import_module(BENCH_MODULES[op])
-        cases = module.benchmarks(device=device, quick=args.quick, providers=args.providers.split(","),
-                                  modes=modes, dtype=DTYPES[args.dtype])  # fmt: skip
+        cases = module.benchmarks(
+            device=device,
+            quick=args.quick,
+            providers=args.providers.split(","),
+            modes=modes,
+            dtype=DTYPES[args.dtype],
+        )
         got, missed = harness.run_cases(cases, device, cpu_budget_s=args.cpu_budget_s)
         records += got
         skipped += missed

@@ -42,7 +42,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_budget_s: float = 2.0) -> tuple[float, float, float]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, *, cpu_budget_s: float = 2.0
+) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn()``."""
     if device.type == "cuda":
         import triton.testing
@@ -68,7 +70,6 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms, _, _ = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * nbytes / (ms * 1e6)
 
 
@@ -139,5 +140,11 @@ def run_cases(
 
 
 def _skip(case: Benchmark, reason: str) -> dict:
-    return {"op": case.op, "provider": case.provider, "mode": case.mode, "dtype": case.dtype, "shape": case.shape,
-            "reason": reason}  # fmt: skip
+    return {
+        "op": case.op,
+        "provider": case.provider,
+        "mode": case.mode,
+        "dtype": case.dtype,
+        "shape": case.shape,
+        "reason": reason,
+    }

@@ -26,22 +26,45 @@ harness = _load_harness()
 
 def test_quick_run_writes_schema(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--ops", "token_logprobs",
-           "--providers", "torch,fastppo,trl", "--cpu-budget-s", "0.05", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--ops",
+        "token_logprobs",
+        "--providers",
+        "torch,fastppo,trl",
+        "--cpu-budget-s",
+        "0.05",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (json_path,) = tmp_path.glob("*.json")
     assert json_path.with_suffix(".md").exists()
     result = json.loads(json_path.read_text())
     assert json_path.name.startswith(result["device"] + "-" + result["date"])
-    for key, typ in [("device", str), ("torch", str), ("triton", str), ("commit", str), ("date", str),
-                     ("copy_gbps", float), ("records", list)]:  # fmt: skip
+    for key, typ in [
+        ("device", str),
+        ("torch", str),
+        ("triton", str),
+        ("commit", str),
+        ("date", str),
+        ("copy_gbps", float),
+        ("records", list),
+    ]:
         assert isinstance(result[key], typ), key
     assert result["copy_gbps"] > 0
     # 2 shapes × (fwd: torch, fastppo; fwd_bwd: torch, fastppo, fastppo in place)
     assert len(result["records"]) == 10
     for r in result["records"]:
-        assert r["op"] == "token_logprobs" and r["provider"] in harness.PROVIDERS and r["mode"] in harness.MODES
+        assert (
+            r["op"] == "token_logprobs" and r["provider"] in harness.PROVIDERS and r["mode"] in harness.MODES
+        )
         assert r["dtype"] == "bfloat16" and set(r["shape"]) >= {"N", "V"}
         assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert r["gbps"] > 0 and r["peak_bytes"] is None  # no peak memory on CPU
@@ -54,9 +77,11 @@ def test_failures_are_reported_not_dropped():
     def setup_fails():
         raise RuntimeError("provider cannot run this")
 
-    ok = harness.Benchmark("token_logprobs", "torch", "fwd", "float32", {"N": 1}, 8, lambda: (lambda: None))
+    ok = harness.Benchmark("token_logprobs", "torch", "fwd", "float32", {"N": 1}, 8, lambda: lambda: None)
     bad = harness.Benchmark("token_logprobs", "trl", "fwd", "float32", {"N": 1}, 8, setup_fails)
-    records, skipped = harness.run_cases([ok, bad], harness.torch.device("cpu"), cpu_budget_s=0.01, log=lambda _: None)
+    records, skipped = harness.run_cases(
+        [ok, bad], harness.torch.device("cpu"), cpu_budget_s=0.01, log=lambda _: None
+    )
     assert [r["provider"] for r in records] == ["torch"]
     assert skipped[0]["provider"] == "trl" and "cannot run" in skipped[0]["reason"]
 

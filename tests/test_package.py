@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, **env))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **env),
+    )
 
 
 def test_kernels_only_importable_as_fastppo_kernels(tmp_path):
@@ -29,9 +35,22 @@ def test_wheel_layout_and_import(tmp_path):
     """`pip install .` (a wheel) ships fastppo.kernels and fastppo._C and no top-level kernels."""
     wheels = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("fastppo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -40,8 +59,12 @@ def test_wheel_layout_and_import(tmp_path):
     assert not any(n.startswith("kernels/") for n in names)
 
     site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                              str(wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     code = (
         "import fastppo, fastppo.kernels, fastppo._C; print(fastppo.__file__); print(fastppo._C.__file__);"
@@ -89,6 +112,11 @@ def test_missing_extension_is_reported_clearly(tmp_path):
 
 @pytest.mark.parametrize("argv", [[], ["nonsense"]])
 def test_cli_usage_errors(argv, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastppo.cli", *argv], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastppo.cli", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "usage: fastppo" in proc.stderr
