@@ -6,9 +6,19 @@ to the PyTorch reference (``fastppo.reference``) elsewhere; ``fastppo env`` tell
 
 from fastppo import packing, reference
 from fastppo._backend import active_backend
-from fastppo.ops import token_logprobs
+from fastppo.ops import kl_penalty, ppo_policy_loss, token_logprobs, value_loss
 from fastppo.packing import extension_available
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "active_backend", "extension_available", "packing", "reference", "token_logprobs"]
+__all__ = [
+    "__version__",
+    "active_backend",
+    "extension_available",
+    "kl_penalty",
+    "packing",
+    "ppo_policy_loss",
+    "reference",
+    "token_logprobs",
+    "value_loss",
+]

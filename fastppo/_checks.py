@@ -41,3 +41,38 @@ def check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_token_tensors(*, allow_any_shape: bool = False, **tensors: torch.Tensor | None) -> torch.Size:
+    """Per-token inputs: same shape ((B, T) or (N,) unless ``allow_any_shape``), same device.
+    Float tensors must be floating point; a tensor named ``mask`` may be bool, int or float."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        check_tensor(name, t)
+        if name != "mask" and not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if name == "mask" and t.dtype.is_complex:
+            raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {t.dtype}")
+    (first, shape), *rest = [(name, t.shape) for name, t in present.items()]
+    for name, t in present.items():
+        if t.shape != shape:
+            raise ValueError(f"{name} must have the shape of {first} {tuple(shape)}, got {tuple(t.shape)}")
+    if not allow_any_shape and len(shape) not in (1, 2):
+        raise ValueError(f"{first} must have shape (B, T) or (N,), got {tuple(shape)}")
+    check_same_device(**present)
+    return shape

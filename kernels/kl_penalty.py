@@ -1,0 +1,139 @@
+"""Per-token KL estimators between the policy and a reference: Triton kernels and launchers.
+
+With d = logp − ref_logp: k1 = d, abs = |d|, k2 = d²/2, k3 = exp(−d) + d − 1 with −d clamped
+to [−20, 20] before the exp. "k1+" and "k3+" take the value of k1/k3 and the gradient of k2
+(verl's straight-through estimators). An optional ``clamp`` c bounds the value to [−c, c]
+(gradient 0 outside, except for the straight-through ones).
+
+``kl_estimate`` is also called by the PPO policy-loss kernel for its KL term.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+#: Estimator name → the code the kernels switch on (a constexpr: one compiled variant each).
+ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "k1+": 4, "k3+": 5}
+
+
+@triton.jit
+def kl_estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
+    """(value, ∂value/∂d) of the estimator at d = logp − ref_logp, elementwise."""
+    if ESTIMATOR == 0 or ESTIMATOR == 4:  # k1, k1+
+        value = d
+        grad = tl.full(d.shape, 1.0, d.dtype)
+    elif ESTIMATOR == 1:  # k2
+        value = 0.5 * d * d
+        grad = d
+    elif ESTIMATOR == 2 or ESTIMATOR == 5:  # k3, k3+
+        e = tl.exp(tl.minimum(tl.maximum(-d, -20.0), 20.0))
+        value = e + d - 1.0
+        grad = tl.where(tl.abs(d) <= 20.0, 1.0 - e, 1.0)
+    else:  # abs
+        value = tl.abs(d)
+        grad = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
+    if HAS_CLAMP:
+        grad = tl.where(tl.abs(value) <= clamp, grad, 0.0)
+        value = tl.minimum(tl.maximum(value, -clamp), clamp)
+    if ESTIMATOR == 4 or ESTIMATOR == 5:  # straight-through: the gradient of k2
+        grad = d
+    return value, grad
+
+
+@triton.jit
+def _kl_penalty_fwd_kernel(
+    logp_ptr,
+    ref_logp_ptr,
+    kl_ptr,
+    clamp,
+    N,
+    BLOCK: tl.constexpr,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    ref = tl.load(ref_logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    value, _ = kl_estimate(logp - ref, clamp, ESTIMATOR, HAS_CLAMP)
+    tl.store(kl_ptr + offs, value, mask=inside)
+
+
+@triton.jit
+def _kl_penalty_bwd_kernel(
+    logp_ptr,
+    ref_logp_ptr,
+    grad_kl_ptr,
+    grad_logp_ptr,
+    grad_ref_logp_ptr,
+    clamp,
+    N,
+    BLOCK: tl.constexpr,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_REF: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    ref = tl.load(ref_logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    g = tl.load(grad_kl_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    _, dkl = kl_estimate(logp - ref, clamp, ESTIMATOR, HAS_CLAMP)
+    if HAS_GRAD_LOGP:
+        tl.store(grad_logp_ptr + offs, g * dkl, mask=inside)
+    if HAS_GRAD_REF:  # d = logp − ref: the reference gets the opposite gradient
+        tl.store(grad_ref_logp_ptr + offs, -g * dkl, mask=inside)
+
+
+_BLOCK = 1024
+
+
+def _acc_dtype(*tensors: torch.Tensor):
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def kl_penalty_fwd(
+    logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str, clamp: float | None
+) -> torch.Tensor:
+    """Per-token KL of flat contiguous ``logp`` and ``ref_logp`` (N,); fp32 (fp64 for fp64 input)."""
+    N = logp.numel()
+    out_dtype = torch.float64 if _acc_dtype(logp, ref_logp) == tl.float64 else torch.float32
+    kl = torch.empty(N, dtype=out_dtype, device=logp.device)
+    if N:
+        _kl_penalty_fwd_kernel[(triton.cdiv(N, _BLOCK),)](
+            logp, ref_logp, kl,
+            0.0 if clamp is None else clamp,
+            N,
+            BLOCK=_BLOCK, ESTIMATOR=ESTIMATORS[estimator], HAS_CLAMP=clamp is not None,
+            ACC_DTYPE=_acc_dtype(logp, ref_logp),
+        )  # fmt: skip
+    return kl
+
+
+def kl_penalty_bwd(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    grad_kl: torch.Tensor,
+    *,
+    estimator: str,
+    clamp: float | None,
+    need_logp: bool,
+    need_ref: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the per-token KL w.r.t. ``logp`` and ``ref_logp`` (in their dtypes)."""
+    N = logp.numel()
+    grad_logp = torch.empty_like(logp) if need_logp else None
+    grad_ref = torch.empty_like(ref_logp) if need_ref else None
+    if N and (need_logp or need_ref):
+        _kl_penalty_bwd_kernel[(triton.cdiv(N, _BLOCK),)](
+            logp, ref_logp, grad_kl.contiguous(),
+            grad_logp if need_logp else logp, grad_ref if need_ref else ref_logp,
+            0.0 if clamp is None else clamp,
+            N,
+            BLOCK=_BLOCK, ESTIMATOR=ESTIMATORS[estimator], HAS_CLAMP=clamp is not None,
+            HAS_GRAD_LOGP=need_logp, HAS_GRAD_REF=need_ref, ACC_DTYPE=_acc_dtype(logp, ref_logp),
+        )  # fmt: skip
+    return grad_logp, grad_ref
