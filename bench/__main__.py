@@ -23,7 +23,8 @@ import torch
 import fastppo
 from bench import harness
 
-BENCH_MODULES = {"token_logprobs": "bench.bench_logprobs"}
+#: Each module serves the ops in its OPS tuple.
+BENCH_MODULES = ("bench.bench_logprobs", "bench.bench_losses")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -101,7 +102,7 @@ def _shape_key(shape: dict) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default=",".join(BENCH_MODULES), help="comma-separated ops to run")
+    parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")
     parser.add_argument(
         "--providers",
         default="torch,compile,trl,verl,liger,fastppo",
@@ -117,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in BENCH_MODULES]
+    modules = [importlib.import_module(name) for name in BENCH_MODULES]
+    known = [op for module in modules for op in module.OPS]
+    ops = known if args.ops == "all" else [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in known]
     if unknown:
-        parser.error(f"--ops: unknown {unknown}; known: {sorted(BENCH_MODULES)}")
+        parser.error(f"--ops: unknown {unknown}; known: {known}")
     modes = [m.strip() for m in args.modes.split(",")]
     if any(m not in harness.MODES for m in modes):
         parser.error(f"--modes must be drawn from {harness.MODES}, got {args.modes!r}")
@@ -133,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     records, skipped = [], []
-    for op in ops:
-        module = importlib.import_module(BENCH_MODULES[op])
+    for module in modules:
+        selected = tuple(op for op in module.OPS if op in ops)
+        if not selected:
+            continue
         cases = module.benchmarks(
             device=device,
             quick=args.quick,
             providers=args.providers.split(","),
             modes=modes,
             dtype=DTYPES[args.dtype],
+            ops=selected,
         )
         got, missed = harness.run_cases(cases, device, cpu_budget_s=args.cpu_budget_s)
         records += got

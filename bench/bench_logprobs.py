@@ -18,6 +18,7 @@ import fastppo
 from bench.harness import Benchmark
 
 OP = "token_logprobs"
+OPS = (OP,)
 FULL_SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 151936)]
 QUICK_SHAPES = [(16, 1000), (64, 4096)]
 TEMPERATURE = 0.9
@@ -85,7 +86,9 @@ def _setup(make_impl, N, V, dtype, device, mode):
     return setup
 
 
-def benchmarks(*, device, quick, providers, modes, dtype, log=print):
+def benchmarks(*, device, quick, providers, modes, dtype, ops=OPS, log=print):
+    if OP not in ops:
+        return
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
     available = list(_providers(providers, log))
     for N, V in shapes:

@@ -24,7 +24,7 @@ def _load_harness():
 harness = _load_harness()
 
 
-def test_quick_run_writes_schema(tmp_path):
+def run_bench(tmp_path, *args):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
@@ -33,20 +33,44 @@ def test_quick_run_writes_schema(tmp_path):
         "--quick",
         "--device",
         "cpu",
-        "--ops",
-        "token_logprobs",
-        "--providers",
-        "torch,fastppo,trl",
         "--cpu-budget-s",
         "0.05",
         "--out",
         str(tmp_path),
+        *args,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (json_path,) = tmp_path.glob("*.json")
+    return proc, json.loads(json_path.read_text())
+
+
+def test_loss_benchmarks(tmp_path):
+    _, result = run_bench(
+        tmp_path, "--ops", "kl_penalty,ppo_policy_loss,value_loss", "--providers", "torch,fastppo"
+    )
+    seen = {(r["op"], r["provider"], r["mode"], r["shape"]["B"]) for r in result["records"]}
+    ops = ("kl_penalty", "ppo_policy_loss", "value_loss")
+    expected = {
+        (op, p, m, B) for op in ops for p in ("torch", "fastppo") for m in ("fwd", "fwd_bwd") for B in (4, 8)
+    }
+    assert seen == expected and not result["skipped"]
+    floor = {"kl_penalty": (12, 20), "ppo_policy_loss": (21, 29), "value_loss": (13, 17)}  # bytes per token
+    for r in result["records"]:
+        per_token = r["gbps"] * 1e6 * r["ms"] / (r["shape"]["B"] * r["shape"]["T"])
+        assert per_token == pytest.approx(floor[r["op"]][r["mode"] == "fwd_bwd"])
+
+
+def test_unknown_op_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--ops", "gae2", "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--ops: unknown ['gae2']" in proc.stderr
+
+
+def test_quick_run_writes_schema(tmp_path):
+    proc, result = run_bench(tmp_path, "--ops", "token_logprobs", "--providers", "torch,fastppo,trl")
+    (json_path,) = tmp_path.glob("*.json")
     assert json_path.with_suffix(".md").exists()
-    result = json.loads(json_path.read_text())
     assert json_path.name.startswith(result["device"] + "-" + result["date"])
     for key, typ in [
         ("device", str),

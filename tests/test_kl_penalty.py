@@ -9,8 +9,12 @@ import fastppo
 from fastppo import reference
 
 ESTIMATORS = reference.KL_ESTIMATORS
-TOLS = [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-12, 1e-12), (torch.bfloat16, 1e-5, 1e-5),
-        (torch.float16, 1e-5, 1e-5)]  # fmt: skip
+TOLS = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float64, 1e-12, 1e-12),
+    (torch.bfloat16, 1e-5, 1e-5),
+    (torch.float16, 1e-5, 1e-5),
+]
 
 
 def hand_kl(d: float, estimator: str, clamp: float | None) -> tuple[float, float]:

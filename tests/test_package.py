@@ -33,24 +33,23 @@ def test_kernels_only_importable_as_fastppo_kernels(tmp_path):
 
 def test_wheel_layout_and_import(tmp_path):
     """`pip install .` (a wheel) ships fastppo.kernels and fastppo._C and no top-level kernels."""
-    wheels = tmp_path / "wheels"
-    build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            str(ROOT),
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    # Build from a clean copy: setuptools would otherwise reuse (and leave behind) ROOT/build.
+    src = tmp_path / "src"
+    junk = (
+        ".venv",
+        "build",
+        ".git",
+        "*.so",
+        "__pycache__",
+        ".pytest_cache",
+        ".hypothesis",
+        ".ruff_cache",
+        "*.egg-info",
     )
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*junk))
+    wheels = tmp_path / "wheels"
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q"]
+    build = subprocess.run([*pip_wheel, "-w", str(wheels)], capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("fastppo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -96,9 +96,15 @@ def test_reference_matches_hand_loop(agg, dual_clip):
     lists["mask"] = batch["mask"].double().tolist()
     expected = hand_loss(lists, **kwargs)
     loss, _ = reference.ppo_policy_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"],
-        ref_logp=batch["ref_logp"], kl_estimator="k3", entropy=batch["entropy"], **kwargs,
-    )  # fmt: skip
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        batch["mask"],
+        ref_logp=batch["ref_logp"],
+        kl_estimator="k3",
+        entropy=batch["entropy"],
+        **kwargs,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
@@ -108,9 +114,17 @@ def test_reference_gradients_are_the_derivative(agg):
     logp = batch["logp"].clone().requires_grad_()
     entropy = batch["entropy"].clone().requires_grad_()
     fn = lambda lp, ent: reference.ppo_policy_loss(  # noqa: E731
-        lp, batch["old_logp"], batch["advantages"], batch["mask"], dual_clip=3.0, agg=agg,
-        ref_logp=batch["ref_logp"], kl_coef=0.1, entropy=ent, entropy_coef=0.02,
-    )[0]  # fmt: skip
+        lp,
+        batch["old_logp"],
+        batch["advantages"],
+        batch["mask"],
+        dual_clip=3.0,
+        agg=agg,
+        ref_logp=batch["ref_logp"],
+        kl_coef=0.1,
+        entropy=ent,
+        entropy_coef=0.02,
+    )[0]
     assert torch.autograd.gradcheck(fn, (logp, entropy))
 
 
@@ -130,9 +144,13 @@ def test_matches_reference(shape, dual_clip, agg, device):
 def test_kl_term_and_entropy_bonus(estimator, device):
     batch = make_batch(5, 33, device, seed=2)
     _, stats, _ = assert_match(
-        batch, agg="seq-mean-token-mean", ref_logp=batch["ref_logp"], kl_coef=0.3, kl_estimator=estimator,
+        batch,
+        agg="seq-mean-token-mean",
+        ref_logp=batch["ref_logp"],
+        kl_coef=0.3,
+        kl_estimator=estimator,
         entropy_coef=0.05,
-    )  # fmt: skip
+    )
     assert set(stats) == {
         "clipfrac",
         "clipfrac_lower",
@@ -165,8 +183,9 @@ def test_flat_input_is_one_row(device):
         loss_2d, stats_2d = fastppo.ppo_policy_loss(
             batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], agg=agg
         )
-        loss_1d, stats_1d = fastppo.ppo_policy_loss(flat["logp"], flat["old_logp"], flat["advantages"],
-                                                    flat["mask"], agg=agg)  # fmt: skip
+        loss_1d, stats_1d = fastppo.ppo_policy_loss(
+            flat["logp"], flat["old_logp"], flat["advantages"], flat["mask"], agg=agg
+        )
         assert torch.equal(loss_2d, loss_1d) and all(torch.equal(stats_2d[k], stats_1d[k]) for k in stats_2d)
         assert_match(flat, agg=agg)
 
@@ -181,8 +200,9 @@ def test_float_mask_weights(device):
 @pytest.mark.parametrize("agg", AGGS)
 def test_all_zero_mask_gives_zero(agg, device):
     batch = make_batch(3, 10, device, density=0.0)
-    loss, stats, grad, egrad = run(fastppo.ppo_policy_loss, batch, agg=agg, ref_logp=batch["ref_logp"],
-                                   kl_coef=0.1, entropy_coef=0.01)  # fmt: skip
+    loss, stats, grad, egrad = run(
+        fastppo.ppo_policy_loss, batch, agg=agg, ref_logp=batch["ref_logp"], kl_coef=0.1, entropy_coef=0.01
+    )
     assert loss.item() == 0 and not grad.any() and not egrad.any()
     assert all(v.item() == 0 for v in stats.values())
 
@@ -264,5 +284,13 @@ def test_bad_input(device):
 @pytest.mark.gpu
 def test_large_batch_on_gpu():
     batch = make_batch(512, 8192, "cuda", seed=11, dtype=torch.bfloat16)
-    assert_match(batch, atol=1e-4, rtol=1e-4, agg="seq-mean-token-mean", dual_clip=3.0,
-                 ref_logp=batch["ref_logp"], kl_coef=0.1, entropy_coef=0.01)  # fmt: skip
+    assert_match(
+        batch,
+        atol=1e-4,
+        rtol=1e-4,
+        agg="seq-mean-token-mean",
+        dual_clip=3.0,
+        ref_logp=batch["ref_logp"],
+        kl_coef=0.1,
+        entropy_coef=0.01,
+    )

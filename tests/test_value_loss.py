@@ -145,5 +145,9 @@ def test_bad_input(device):
 
 @pytest.mark.gpu
 def test_large_batch_on_gpu():
-    assert_match(make_batch(512, 8192, "cuda", seed=7, dtype=torch.bfloat16), atol=1e-4, rtol=1e-4,
-                 agg="seq-mean-token-mean")  # fmt: skip
+    assert_match(
+        make_batch(512, 8192, "cuda", seed=7, dtype=torch.bfloat16),
+        atol=1e-4,
+        rtol=1e-4,
+        agg="seq-mean-token-mean",
+    )

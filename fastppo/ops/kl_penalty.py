@@ -30,9 +30,14 @@ class KLPenaltyFunction(torch.autograd.Function):
 
         logp, ref_logp = ctx.saved_tensors
         grad_logp, grad_ref = kl_penalty_bwd(
-            logp, ref_logp, grad_kl, estimator=ctx.estimator, clamp=ctx.clamp,
-            need_logp=ctx.needs_input_grad[0], need_ref=ctx.needs_input_grad[1],
-        )  # fmt: skip
+            logp,
+            ref_logp,
+            grad_kl,
+            estimator=ctx.estimator,
+            clamp=ctx.clamp,
+            need_logp=ctx.needs_input_grad[0],
+            need_ref=ctx.needs_input_grad[1],
+        )
         return grad_logp, grad_ref, None, None
 
 

@@ -38,10 +38,14 @@ class PPOPolicyLossFunction(torch.autograd.Function):
 
         dlogp, row_scale, mask = ctx.saved_tensors
         grad_logp, grad_entropy = ppo_policy_loss_bwd(
-            grad_loss, dlogp if ctx.needs_input_grad[0] else None, row_scale, mask,
-            entropy_coef=ctx.entropy_coef, logp_dtype=ctx.logp_dtype,
+            grad_loss,
+            dlogp if ctx.needs_input_grad[0] else None,
+            row_scale,
+            mask,
+            entropy_coef=ctx.entropy_coef,
+            logp_dtype=ctx.logp_dtype,
             entropy_dtype=ctx.entropy_dtype if ctx.needs_input_grad[5] else None,
-        )  # fmt: skip
+        )
         return grad_logp, None, None, None, None, grad_entropy, None, None
 
 
@@ -101,21 +105,33 @@ def ppo_policy_loss(
     if check_finite("entropy_coef", entropy_coef) != 0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
     options = dict(
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-        kl_coef=float(kl_coef), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
-    )  # fmt: skip
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+        kl_coef=float(kl_coef),
+        kl_estimator=kl_estimator,
+        entropy_coef=float(entropy_coef),
+    )
     if not use_triton(logp):
-        return reference.ppo_policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
-                                         **options)  # fmt: skip
+        return reference.ppo_policy_loss(
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy, **options
+        )
 
     from fastppo.kernels.ppo_policy_loss import STATS
 
     as_2d = lambda x: None if x is None else x.reshape(-1, shape[-1] if shape else 1).contiguous()  # noqa: E731
     store_grad = torch.is_grad_enabled() and logp.requires_grad
     loss, out = PPOPolicyLossFunction.apply(
-        as_2d(logp), as_2d(old_logp), as_2d(advantages), as_2d(mask), as_2d(ref_logp), as_2d(entropy),
-        options, store_grad,
-    )  # fmt: skip
+        as_2d(logp),
+        as_2d(old_logp),
+        as_2d(advantages),
+        as_2d(mask),
+        as_2d(ref_logp),
+        as_2d(entropy),
+        options,
+        store_grad,
+    )
     names = ["clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max"]
     names += ["kl"] if ref_logp is not None else []
     names += ["entropy"] if entropy is not None else []

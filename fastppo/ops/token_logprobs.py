@@ -44,9 +44,16 @@ class TokenLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None
         logits, labels, lse, entropy = ctx.saved_tensors
         grad_logits = token_logprobs_bwd(
-            logits, labels, lse, entropy, grad_logp, grad_entropy,
-            temperature=ctx.temperature, ignore_index=ctx.ignore_index, inplace=ctx.inplace_backward,
-        )  # fmt: skip
+            logits,
+            labels,
+            lse,
+            entropy,
+            grad_logp,
+            grad_entropy,
+            temperature=ctx.temperature,
+            ignore_index=ctx.ignore_index,
+            inplace=ctx.inplace_backward,
+        )
         if ctx.inplace_backward:
             # Anything else that saved these logits now fails loudly instead of reading gradients.
             torch.autograd.graph.increment_version(logits)

@@ -72,5 +72,6 @@ def value_loss(
         return reference.value_loss(values, old_values, returns, mask, clip=clip, agg=agg)
     as_2d = lambda x: x.reshape(-1, shape[-1]).contiguous()  # noqa: E731
     store_grad = torch.is_grad_enabled() and values.requires_grad
-    return ValueLossFunction.apply(as_2d(values), as_2d(old_values), as_2d(returns), as_2d(mask), clip, agg,
-                                   store_grad)  # fmt: skip
+    return ValueLossFunction.apply(
+        as_2d(values), as_2d(old_values), as_2d(returns), as_2d(mask), clip, agg, store_grad
+    )
