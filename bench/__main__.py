@@ -24,7 +24,7 @@ import fastppo
 from bench import harness
 
 #: Each module serves the ops in its OPS tuple.
-BENCH_MODULES = ("bench.bench_logprobs", "bench.bench_losses")
+BENCH_MODULES = ("bench.bench_logprobs", "bench.bench_losses", "bench.bench_advantages")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")
     parser.add_argument(
         "--providers",
-        default="torch,compile,trl,verl,liger,fastppo",
+        default="torch,compile,trl,verl,liger,python_loop,fastppo",
         help="comma-separated providers (those not installed are left out)",
     )
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")

@@ -6,7 +6,17 @@ to the PyTorch reference (``fastppo.reference``) elsewhere; ``fastppo env`` tell
 
 from fastppo import packing, reference
 from fastppo._backend import active_backend
-from fastppo.ops import kl_penalty, ppo_policy_loss, token_logprobs, value_loss
+from fastppo.ops import (
+    discounted_returns,
+    gae,
+    group_advantages,
+    kl_penalty,
+    masked_whiten,
+    ppo_policy_loss,
+    shape_rewards,
+    token_logprobs,
+    value_loss,
+)
 from fastppo.packing import extension_available
 
 __version__ = "0.1.0"
@@ -14,11 +24,16 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "active_backend",
+    "discounted_returns",
+    "gae",
+    "group_advantages",
     "extension_available",
     "kl_penalty",
+    "masked_whiten",
     "packing",
     "ppo_policy_loss",
     "reference",
+    "shape_rewards",
     "token_logprobs",
     "value_loss",
 ]

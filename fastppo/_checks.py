@@ -76,3 +76,40 @@ def check_token_tensors(*, allow_any_shape: bool = False, **tensors: torch.Tenso
         raise ValueError(f"{first} must have shape (B, T) or (N,), got {tuple(shape)}")
     check_same_device(**present)
     return shape
+
+
+def check_unit_interval(name: str, value) -> float:
+    value = check_finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_layout(
+    cu_seqlens: torch.Tensor | None, shape: torch.Size, device
+) -> tuple[torch.Tensor | None, int]:
+    """Validate a per-token layout: padded ``(B, T)`` without ``cu_seqlens``, or packed ``(N,)``
+    with ``cu_seqlens`` (B+1,) int32, a leading 0, non-decreasing, ending at N (read to the host
+    once). A flat ``(N,)`` input without cu_seqlens is one sequence. Returns (cu_seqlens or None
+    for padded, the longest sequence)."""
+    if cu_seqlens is None:
+        if len(shape) == 2:
+            return None, shape[1]
+        if len(shape) != 1:
+            raise ValueError(f"per-token inputs must have shape (B, T) or (N,), got {tuple(shape)}")
+        return torch.tensor([0, shape[0]], dtype=torch.int32, device=device), shape[0]
+    check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if len(shape) != 1:
+        raise ValueError(f"with cu_seqlens the per-token inputs must be packed (N,), got {tuple(shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape (B+1,), got {tuple(cu_seqlens.shape)}")
+    check_same_device(cu_seqlens=cu_seqlens, tokens=torch.empty(0, device=device))
+    host = cu_seqlens.cpu()
+    lengths = host[1:] - host[:-1]
+    if host[0] != 0 or (lengths < 0).any() or host[-1] != shape[0]:
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at N={shape[0]}, got {host.tolist()[:16]}"
+        )
+    return cu_seqlens.contiguous(), int(lengths.max()) if lengths.numel() else 0

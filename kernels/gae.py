@@ -1,0 +1,134 @@
+"""Generalised advantage estimation (and plain discounted returns) as a chunked reverse scan.
+
+Walking a sequence from its last token to its first, GAE keeps a state (next_value, last) and
+every token applies an affine map to it (DESIGN §4):
+    counted token:  next_value ← V_t,   last ← (r_t − V_t) + γ·next_value + γλ·last,   A_t = last
+    carried token:  the identity (carry_masked=True: a masked token stores the carried last)
+With carry_masked=False rewards and values are multiplied by the mask first and every token is
+a counted one (OpenRLHF). Affine maps compose associatively, so each program (one sequence)
+loads blocks of the sequence in reverse order and runs a forward ``tl.associative_scan`` over
+the maps (not ``reverse=True``, which has had wrong-result bugs), then carries the composed map
+of the block into the next block. A map is five numbers (p, q, x, y, z):
+    next_value' = p·next_value + q,   last' = x·next_value + y·last + z
+Discounted returns are the same scan with V = 0 and λ = 1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _compose(p_a, q_a, x_a, y_a, z_a, p_b, q_b, x_b, y_b, z_b):
+    """The map "a, then b" (a is the later token in time: it is applied first)."""
+    return (
+        p_b * p_a,
+        p_b * q_a + q_b,
+        x_b * p_a + y_b * x_a,
+        y_b * y_a,
+        x_b * q_a + y_b * z_a + z_b,
+    )
+
+
+@triton.jit
+def _last_lane(v, is_last):
+    return tl.sum(tl.where(is_last, v, 0.0), axis=0)
+
+
+@triton.jit
+def _gae_fwd_kernel(
+    rewards_ptr,
+    values_ptr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    advantages_ptr,
+    returns_ptr,
+    gamma,
+    gamma_lam,
+    T,
+    BLOCK_T: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_VALUES: tl.constexpr,
+    CARRY_MASKED: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    if PACKED:
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    else:
+        start = seq.to(tl.int64) * T
+        end = start + T
+    next_value = tl.zeros((), tl.float32)
+    last = tl.zeros((), tl.float32)
+    offs = tl.arange(0, BLOCK_T)
+    is_last = offs == BLOCK_T - 1
+    for i in range(0, tl.cdiv(end - start, BLOCK_T)):
+        pos = end - 1 - i * BLOCK_T - offs  # lane 0 is the latest token of the block
+        inside = pos >= start
+        m = tl.load(mask_ptr + pos, mask=inside, other=0).to(tl.float32)
+        r = tl.load(rewards_ptr + pos, mask=inside, other=0.0).to(tl.float32)
+        if HAS_VALUES:
+            v = tl.load(values_ptr + pos, mask=inside, other=0.0).to(tl.float32)
+        else:
+            v = tl.zeros((BLOCK_T,), tl.float32)
+        if CARRY_MASKED:
+            counted = inside & (m != 0)
+            v_in = v
+        else:
+            counted = inside
+            # where, not only a product: padding may hold inf or NaN.
+            r = tl.where(m != 0, r * m, 0.0)
+            v = tl.where(m != 0, v * m, 0.0)
+            v_in = v
+        p = tl.where(counted, 0.0, 1.0)
+        q = tl.where(counted, v_in, 0.0)
+        x = tl.where(counted, gamma, 0.0)
+        y = tl.where(counted, gamma_lam, 1.0)
+        z = tl.where(counted, r - v_in, 0.0)
+        P, Q, X, Y, Z = tl.associative_scan((p, q, x, y, z), 0, _compose)
+        advantage = X * next_value + Y * last + Z
+        tl.store(advantages_ptr + pos, advantage, mask=inside)
+        if HAS_VALUES:
+            tl.store(returns_ptr + pos, advantage + v, mask=inside)
+        # Lanes before the sequence start are identity maps: the last lane composes the block.
+        next_value, last = (
+            _last_lane(P, is_last) * next_value + _last_lane(Q, is_last),
+            _last_lane(X, is_last) * next_value + _last_lane(Y, is_last) * last + _last_lane(Z, is_last),
+        )
+
+
+def _block_t(longest: int) -> int:
+    return min(max(triton.next_power_of_2(max(longest, 1)), 16), 1024)
+
+
+def gae_fwd(
+    rewards: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    *,
+    gamma: float,
+    lam: float,
+    carry_masked: bool,
+    longest: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the scan over contiguous inputs: padded ``(B, T)`` (``cu_seqlens`` None) or packed
+    ``(N,)`` with ``cu_seqlens`` (B+1,) int32. ``values`` None gives discounted returns (V = 0,
+    no returns output). ``longest`` is the longest sequence (sets the block size).
+    Returns fp32 ``advantages`` and ``returns`` shaped like ``rewards``."""
+    advantages = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    returns = torch.empty_like(advantages) if values is not None else None
+    n_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else rewards.shape[0]
+    T = rewards.shape[-1] if cu_seqlens is None else 0
+    if n_seqs > 0 and rewards.numel() > 0:
+        block_t = _block_t(longest)
+        _gae_fwd_kernel[(n_seqs,)](
+            rewards, values if values is not None else rewards, mask,
+            cu_seqlens if cu_seqlens is not None else mask,
+            advantages, returns if returns is not None else advantages,
+            gamma, gamma * lam,
+            T,
+            BLOCK_T=block_t, PACKED=cu_seqlens is not None, HAS_VALUES=values is not None,
+            CARRY_MASKED=carry_masked, num_warps=4 if block_t <= 512 else 8,
+        )  # fmt: skip
+    return advantages, returns
