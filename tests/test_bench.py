@@ -61,6 +61,20 @@ def test_loss_benchmarks(tmp_path):
         assert per_token == pytest.approx(floor[r["op"]][r["mode"] == "fwd_bwd"])
 
 
+def test_advantage_benchmarks(tmp_path):
+    _, result = run_bench(
+        tmp_path, "--ops", "gae,masked_whiten,group_advantages", "--providers", "torch,fastppo"
+    )
+    seen = {(r["op"], r["provider"]) for r in result["records"]}
+    # The Python loop baseline always runs: the speed-up targets are stated against it.
+    assert seen == {
+        ("gae", "python_loop"), ("gae", "torch"), ("gae", "fastppo"),
+        ("masked_whiten", "torch"), ("masked_whiten", "fastppo"),
+        ("group_advantages", "python_loop"), ("group_advantages", "torch"), ("group_advantages", "fastppo"),
+    }  # fmt: skip
+    assert all(r["mode"] == "fwd" for r in result["records"]) and not result["skipped"]
+
+
 def test_unknown_op_is_refused(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--ops", "gae2", "--device", "cpu", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
