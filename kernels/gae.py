@@ -31,6 +31,18 @@ def _compose(p_a, q_a, x_a, y_a, z_a, p_b, q_b, x_b, y_b, z_b):
 
 
 @triton.jit
+def sequence_bounds(seq, cu_seqlens_ptr, T, PACKED: tl.constexpr):
+    """[start, end) of sequence ``seq``: from ``cu_seqlens`` when packed, else row seq of (B, T)."""
+    if PACKED:
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    else:
+        start = seq.to(tl.int64) * T
+        end = start + T
+    return start, end
+
+
+@triton.jit
 def _last_lane(v, is_last):
     return tl.sum(tl.where(is_last, v, 0.0), axis=0)
 
@@ -52,12 +64,7 @@ def _gae_fwd_kernel(
     CARRY_MASKED: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    if PACKED:
-        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
-    else:
-        start = seq.to(tl.int64) * T
-        end = start + T
+    start, end = sequence_bounds(seq, cu_seqlens_ptr, T, PACKED)
     next_value = tl.zeros((), tl.float32)
     last = tl.zeros((), tl.float32)
     offs = tl.arange(0, BLOCK_T)

@@ -26,6 +26,15 @@ AGGREGATIONS = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-m
 
 
 @triton.jit
+def chunk_of_row(pid, T, n_chunks, BLOCK_T: tl.constexpr):
+    """Program ``pid`` of a (row, chunk of T) grid over a contiguous (B, T) tensor: its row, the
+    flat int64 indices of its tokens, and which of them lie inside the row."""
+    row = pid // n_chunks
+    offs = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return row, row.to(tl.int64) * T + offs, offs < T
+
+
+@triton.jit
 def _masked_agg_reduce_kernel(
     partials_ptr,
     loss_ptr,
@@ -121,10 +130,7 @@ def _scale_rows_kernel(
 ):
     """dst[b, t] = factor · src[b, t] · g · row_scale[b], g the 0-d upstream gradient."""
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    offs = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inside = offs < T
-    idx = row.to(tl.int64) * T + offs
+    row, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
     scale = factor * tl.load(grad_out_ptr).to(tl.float32) * tl.load(row_scale_ptr + row)
     src = tl.load(src_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     tl.store(dst_ptr + idx, src * scale, mask=inside)

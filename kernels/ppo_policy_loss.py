@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .kl_penalty import ESTIMATORS, kl_estimate
-from .masked_reduce import chunking, masked_agg_reduce, scale_rows
+from .masked_reduce import chunk_of_row, chunking, masked_agg_reduce, scale_rows
 
 #: Columns of the partial sums and of the reduced ``out`` vector.
 STATS = (
@@ -57,10 +57,7 @@ def _ppo_policy_loss_fwd_kernel(
     N_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    offs = (pid % n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inside = offs < T
-    idx = row.to(tl.int64) * T + offs
+    _, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
 
     m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
     counted = m != 0

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gae import sequence_bounds
+
 
 @triton.jit
 def _shape_rewards_kernel(
@@ -23,12 +25,7 @@ def _shape_rewards_kernel(
     HAS_KL: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    if PACKED:
-        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
-    else:
-        start = seq.to(tl.int64) * T
-        end = start + T
+    start, end = sequence_bounds(seq, cu_seqlens_ptr, T, PACKED)
     offs = tl.arange(0, BLOCK_T)
     n_blocks = tl.cdiv(end - start, BLOCK_T)
     last = tl.full((), -1, tl.int64)
