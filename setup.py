@@ -11,7 +11,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "fastppo._C",
-        sources=["csrc/bindings.cpp", "csrc/layout.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/layout.cpp", "csrc/planning.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

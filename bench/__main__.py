@@ -24,7 +24,12 @@ import fastppo
 from bench import harness
 
 #: Each module serves the ops in its OPS tuple.
-BENCH_MODULES = ("bench.bench_logprobs", "bench.bench_losses", "bench.bench_advantages")
+BENCH_MODULES = (
+    "bench.bench_logprobs",
+    "bench.bench_losses",
+    "bench.bench_advantages",
+    "bench.bench_packing",
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -17,8 +17,34 @@ struct UnpadLayout {
   int64_t max_seqlen = 0;
 };
 
-// Fills `out` from a row-major (rows, cols) mask. Returns an empty string on success, otherwise
-// a message naming the first bad value (the caller raises it as a ValueError).
-std::string unpad_layout(const int64_t* mask, int64_t rows, int64_t cols, UnpadLayout& out);
+// Pass 1 of unpad over a row-major (rows, cols) 0/1 mask of element type T (uint8_t, int32_t or
+// int64_t): tokens kept per row into `seqlens`, their total and the longest row. Returns an
+// empty string on success, otherwise a message naming the first bad value.
+template <typename T>
+std::string count_rows(const T* mask, int64_t rows, int64_t cols, int32_t* seqlens, int64_t& total,
+                       int64_t& max_seqlen);
+
+// Pass 2: the flat index and position of every kept token, and cu_seqlens (rows + 1), written
+// straight into the caller's buffers (sized from pass 1).
+template <typename T>
+void fill_layout(const T* mask, int64_t rows, int64_t cols, const int32_t* seqlens, int64_t* indices,
+                 int64_t* position_ids, int32_t* cu_seqlens);
+
+// A read-only run of token ids.
+struct TokenSpan {
+  const int64_t* data;
+  int64_t size;
+};
+
+// Row length of a collated batch: the longest sequence (or `max_length` when > 0), rounded up
+// to a multiple of `multiple` when > 0. Returns -1 and sets `error` when a sequence is longer
+// than max_length.
+int64_t collated_length(const std::vector<TokenSpan>& seqs, int64_t max_length, int64_t multiple,
+                        std::string& error);
+
+// Writes the (rows, cols) row-major `input_ids` and `attention_mask` of `seqs`, padded with
+// `pad_id` on the right (or on the left), and, when `layout` is not null, their packed layout.
+void collate(const std::vector<TokenSpan>& seqs, int64_t cols, int64_t pad_id, bool left,
+             int64_t* input_ids, int64_t* attention_mask, UnpadLayout* layout);
 
 }  // namespace fastppo

@@ -75,6 +75,17 @@ def test_advantage_benchmarks(tmp_path):
     assert all(r["mode"] == "fwd" for r in result["records"]) and not result["skipped"]
 
 
+def test_packing_benchmarks(tmp_path):
+    ops = "collate,unpad,plan_microbatches,balanced_partition"
+    _, result = run_bench(tmp_path, "--ops", ops, "--providers", "torch,fastppo")
+    seen = {(r["op"], r["provider"]) for r in result["records"]}
+    assert seen == {
+        ("collate", "python_loop"), ("collate", "fastppo"), ("unpad", "torch"), ("unpad", "fastppo"),
+        ("plan_microbatches", "fastppo"), ("balanced_partition", "fastppo"),
+    }  # fmt: skip
+    assert not result["skipped"]
+
+
 def test_unknown_op_is_refused(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--ops", "gae2", "--device", "cpu", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
