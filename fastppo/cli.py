@@ -54,14 +54,74 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
+TRAIN_DEFAULTS = {
+    "ppo": {},
+    "grpo": {"algo": "grpo", "group_size": 8},
+    "rloo": {"algo": "rloo", "group_size": 8},
+}
+PLANNED = ("dpo", "rm", "sft")
+
+
+def parse_train_config(algo: str, argv: list[str]):
+    """A PPOConfig from an optional JSON/YAML file and command-line flags (flags win)."""
+    import json
+
+    import yaml
+    from transformers import HfArgumentParser
+
+    from fastppo.trainer.config import PPOConfig
+
+    parser = HfArgumentParser(PPOConfig, prog=f"fastppo train {algo}")
+    parser.set_defaults(**TRAIN_DEFAULTS[algo])
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        path, argv = argv[0], argv[1:]
+        with open(path) as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        fields = {a.dest for a in parser._actions}
+        unknown = sorted(set(values or {}) - fields)
+        if unknown:
+            raise SystemExit(f"{path}: unknown config fields {unknown}")
+        parser.set_defaults(**(values or {}))
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def train_command(algo: str, argv: list[str]) -> int:
+    if algo in PLANNED:
+        print(
+            f"fastppo train {algo}: not implemented yet (planned: DPO, reward model and SFT loops)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        cfg = parse_train_config(algo, argv)
+    except ValueError as exc:  # a bad value, named by PPOConfig's checks
+        print(f"fastppo train {algo}: {exc}", file=sys.stderr)
+        return 2
+    from fastppo.trainer.ppo import train
+
+    history = train(cfg)
+    if history:
+        first, last = history[0]["reward"], history[-1]["reward"]
+        print(
+            f"mean reward {first:.3f} → {last:.3f} over {len(history)} iterations; saved in {cfg.output_dir}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastppo", description=__doc__.splitlines()[1].strip())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, devices, the active backend and the extension's status")
-    args = parser.parse_args(argv)
+    train = sub.add_parser("train", help="train a policy (see `fastppo train ppo --help`)", add_help=False)
+    train.add_argument("algo", choices=[*TRAIN_DEFAULTS, *PLANNED])
+    args, rest = parser.parse_known_args(argv)
     if args.command == "env":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print(env_report())
-    return 0
+        return 0
+    return train_command(args.algo, rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The training loops of ``fastppo train``: thin, readable top to bottom, on transformers models."""

@@ -1,0 +1,344 @@
+"""PPO (with a critic) and GRPO / RLOO (critic-free) on Hugging Face causal LMs, top to bottom.
+
+Each iteration: sample prompts → generate → score → log-probs of the policy and the reference
+(``fastppo.token_logprobs`` at the sampling temperature) and values → per-token rewards shaped
+by the KL (``shape_rewards``) → ``gae`` and ``masked_whiten`` (or ``group_advantages``) →
+``ppo_epochs`` passes of shuffled mini-batches, each accumulated over micro-batches planned by
+``fastppo.packing.plan_microbatches``, with ``ppo_policy_loss`` and ``value_loss`` computed on
+packed response tokens.
+"""
+
+import copy
+import importlib
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    get_scheduler,
+)
+
+import fastppo
+from fastppo import packing
+from fastppo.trainer import checkpoint, tiny
+from fastppo.trainer.config import PPOConfig
+
+# --------------------------------------------------------------------------------------------
+# Set-up: models, prompts, reward.
+
+
+def load_models(cfg: PPOConfig):
+    if cfg.policy is None:
+        tokenizer = tiny.build_tokenizer()
+        policy = tiny.build_policy(tokenizer, cfg.seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+        policy = AutoModelForCausalLM.from_pretrained(cfg.policy)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = None
+    if cfg.algo == "ppo":
+        if cfg.critic is not None:
+            critic = AutoModelForTokenClassification.from_pretrained(cfg.critic, num_labels=1)
+        elif cfg.policy is None:
+            critic = tiny.build_critic(tokenizer, cfg.seed)
+        else:
+            critic = AutoModelForTokenClassification.from_pretrained(cfg.policy, num_labels=1)
+    return tokenizer, policy, reference, critic
+
+
+def load_prompts(cfg: PPOConfig) -> list[str]:
+    if cfg.prompts is None:
+        return tiny.synthetic_prompts(4096, cfg.seed)
+    with open(cfg.prompts) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts: {cfg.prompts} holds no prompt")
+    return prompts
+
+
+def load_reward(cfg: PPOConfig, tokenizer):
+    """A function (prompts, responses) -> list of float scores."""
+    if cfg.reward == "echo":
+        return tiny.echo_reward
+    if Path(cfg.reward).exists():
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.reward, num_labels=1).eval()
+
+        @torch.no_grad()
+        def model_reward(prompts, responses):
+            batch = tokenizer(
+                [p + r for p, r in zip(prompts, responses, strict=True)], return_tensors="pt", padding=True
+            )
+            return model(**batch).logits[:, 0].float().tolist()
+
+        return model_reward
+    module, _, name = cfg.reward.partition(":")
+    if not name:
+        raise ValueError(f"reward must be 'echo', a model path or 'module:function', got {cfg.reward!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout.
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef):
+    """Generate, score and compute everything the update needs, for one batch of prompts."""
+    prompts = [p for p in prompts for _ in range(cfg.group_size)]
+    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
+    batch = packing.collate(ids, tokenizer.pad_token_id, side="left")
+    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    P = prompt_ids.shape[1]
+    policy.eval()
+    sequences = policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    responses = sequences[:, P:]
+    # A response ends at its first EOS (included); what generate writes after it is padding.
+    eos = (responses == tokenizer.eos_token_id).long()
+    response_mask = (eos.cumsum(1) - eos) == 0
+    attention_mask = torch.cat([prompt_mask.bool(), response_mask], 1)
+    texts = tokenizer.batch_decode(
+        torch.where(response_mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
+    )
+    scores = torch.tensor(reward_fn(prompts, texts), dtype=torch.float32)
+
+    labels = torch.where(response_mask, responses, -100)
+    pos = position_ids(attention_mask)
+
+    def response_logprobs(model):
+        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=pos).logits
+        return fastppo.token_logprobs(logits[:, P - 1 : -1], labels, temperature=cfg.temperature)
+
+    old_logp, ref_logp = response_logprobs(policy), response_logprobs(reference)
+    mask = response_mask.float()
+    kl = fastppo.kl_penalty(old_logp, ref_logp, "k1") * mask
+    if critic is not None:
+        values = critic(input_ids=sequences, attention_mask=attention_mask, position_ids=pos).logits[..., 0]
+        values = values[:, P - 1 : -1].float() * mask
+        rewards = fastppo.shape_rewards(scores, response_mask, kl=kl, kl_coef=kl_coef)
+        advantages, returns = fastppo.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
+    else:
+        group_ids = torch.arange(len(prompts)) // cfg.group_size
+        per_sequence = fastppo.group_advantages(
+            scores, group_ids, method="grpo" if cfg.algo == "grpo" else "rloo"
+        )
+        advantages, values, returns = per_sequence[:, None] * mask, None, None
+    if cfg.whiten_advantages:
+        advantages = fastppo.masked_whiten(advantages, response_mask) * mask
+    return {
+        "sequences": sequences,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "response_mask": response_mask,
+        "old_logp": old_logp,
+        "ref_logp": ref_logp,
+        "advantages": advantages,
+        "values": values,
+        "returns": returns,
+        "scores": scores,
+        "kl": kl,
+        "prompt_len": P,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Update.
+
+
+def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef):
+    """Losses of the micro-batch ``idx``, scaled so that the micro-batches of a mini-batch add up to
+    its token mean. Losses are computed on packed response tokens."""
+    P = data["prompt_len"]
+    take = lambda key: data[key][idx]  # noqa: E731
+    attention_mask = take("attention_mask")
+    pos = position_ids(attention_mask)
+    logits = policy(input_ids=take("sequences"), attention_mask=attention_mask, position_ids=pos).logits
+    logp, entropy = fastppo.token_logprobs(
+        logits[:, P - 1 : -1], take("labels"), temperature=cfg.temperature, return_entropy=True
+    )
+    layout = packing.unpad(take("response_mask"))
+    flat = lambda x: packing.pack(x, layout)  # noqa: E731
+    ones = torch.ones(layout.indices.numel())
+    in_loss_kl = cfg.algo != "ppo" and kl_coef > 0  # critic-free methods put the KL in the loss
+    policy_loss, stats = fastppo.ppo_policy_loss(
+        flat(logp),
+        flat(take("old_logp")),
+        flat(take("advantages")),
+        ones,
+        agg="token-sum",
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        ref_logp=flat(take("ref_logp")) if in_loss_kl else None,
+        kl_coef=kl_coef if in_loss_kl else 0.0,
+        entropy=flat(entropy),
+        entropy_coef=cfg.entropy_coef,
+    )
+    loss = policy_loss / n_tokens
+    value_loss = torch.zeros(())
+    if critic is not None:
+        values = critic(input_ids=take("sequences"), attention_mask=attention_mask, position_ids=pos).logits[
+            ..., 0
+        ]
+        value_loss, _ = fastppo.value_loss(
+            flat(values[:, P - 1 : -1].float()),
+            flat(take("values")),
+            flat(take("returns")),
+            ones,
+            clip=cfg.value_clip,
+            agg="token-sum",
+        )
+        loss = loss + cfg.value_coef * value_loss / n_tokens
+    return (
+        loss,
+        policy_loss.detach() / n_tokens,
+        value_loss.detach() / n_tokens,
+        stats,
+        layout.indices.numel(),
+    )
+
+
+def train(cfg: PPOConfig, log=print) -> list[dict]:
+    """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (libraries draw from the global generator)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, policy, reference, critic = load_models(cfg)
+    prompts = load_prompts(cfg)
+    reward_fn = load_reward(cfg, tokenizer)
+    prompts_per_iter = max(cfg.batch_size // cfg.group_size, 1)
+    steps_per_iter = cfg.ppo_epochs * math.ceil(prompts_per_iter * cfg.group_size / cfg.minibatch_size)
+    params = [{"params": policy.parameters(), "lr": cfg.lr}]
+    if critic is not None:
+        params.append({"params": critic.parameters(), "lr": cfg.critic_lr})
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.iterations * steps_per_iter,
+    )
+    kl_coef, start, skipped_in_a_row = cfg.kl_coef, 0, 0
+
+    last = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and last is None:
+        log(f"resume: no checkpoint in {out}, starting from scratch")
+    if last is not None:
+        policy.load_state_dict(AutoModelForCausalLM.from_pretrained(last / "policy").state_dict())
+        reference.load_state_dict(AutoModelForCausalLM.from_pretrained(last / "reference").state_dict())
+        if critic is not None:
+            critic.load_state_dict(
+                AutoModelForTokenClassification.from_pretrained(last / "critic").state_dict()
+            )
+        state = checkpoint.load_trainer_state(last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        kl_coef, start = state["kl_coef"], state["iteration"]
+        log(f"resumed from {last} at iteration {start}")
+
+    history = []
+    metrics_file = open(out / "metrics.jsonl", "a")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.algo, leave=True)
+    for iteration in bar:
+        t0 = time.time()
+        batch_prompts = random.sample(prompts, min(prompts_per_iter, len(prompts)))
+        data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef)
+        n = data["sequences"].shape[0]
+        seqlens = data["attention_mask"].sum(1)
+
+        policy.train()
+        if critic is not None:
+            critic.train()
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "steps": 0}
+        for _ in range(cfg.ppo_epochs):
+            for mb in torch.randperm(n).split(cfg.minibatch_size):
+                n_tokens = max(int(data["response_mask"][mb].sum()), 1)
+                optimizer.zero_grad(set_to_none=True)
+                for micro in packing.plan_microbatches(seqlens[mb], cfg.max_tokens_per_microbatch):
+                    if not micro:
+                        continue
+                    loss, pl, vl, stats, _ = micro_batch_losses(
+                        cfg, policy, critic, data, mb[micro], n_tokens, kl_coef
+                    )
+                    loss.backward()
+                    totals["policy_loss"] += pl.item()
+                    totals["value_loss"] += vl.item()
+                    totals["clipfrac"] += stats["clipfrac"].item() * len(micro) / len(mb)
+                    totals["entropy"] += stats["entropy"].item() * len(micro) / len(mb)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in params for p in g["params"]], cfg.max_grad_norm
+                )
+                if not torch.isfinite(grad_norm):
+                    skipped_in_a_row += 1
+                    warnings.warn(f"iteration {iteration}: non-finite gradient, step skipped", stacklevel=1)
+                    if skipped_in_a_row >= cfg.max_nonfinite_steps:
+                        raise RuntimeError(f"{skipped_in_a_row} non-finite steps in a row: stopping")
+                    continue
+                skipped_in_a_row = 0
+                optimizer.step()
+                scheduler.step()
+                totals["steps"] += 1
+
+        mask = data["response_mask"].float()
+        mean_kl = float((data["kl"].sum(1)).mean())  # per-sequence KL, summed over tokens
+        if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.)
+            error = max(min(mean_kl / cfg.kl_target - 1, 0.2), -0.2)
+            kl_coef *= 1 + error * n / cfg.kl_horizon
+        steps = max(totals.pop("steps"), 1)
+        record = {
+            "iteration": iteration + 1,
+            "reward": float(data["scores"].mean()),
+            "reward_std": float(data["scores"].std()),
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "response_length": float(mask.sum(1).mean()),
+            **{k: v / steps for k, v in totals.items()},
+            "seconds": time.time() - t0,
+        }
+        history.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{mean_kl:.3f}")
+        done = iteration + 1 == cfg.iterations
+        if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
+            state = {
+                "iteration": iteration + 1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "kl_coef": kl_coef,
+                "config": asdict(cfg),
+            }
+            models = {"policy": policy, "reference": reference, "critic": critic}
+            checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state)
+    metrics_file.close()
+    return history

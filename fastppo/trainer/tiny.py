@@ -1,0 +1,83 @@
+"""The embedded default: a character tokenizer, tiny Qwen2 models built from a config, and a
+synthetic task with a programmatic reward, so that training runs offline on a laptop CPU.
+
+The task ("echo"): a prompt is 3–6 random lowercase letters and a colon, e.g. ``"qfkd:"``; the
+reward of a response is the fraction of its first ``RESPONSE_CHARS`` characters that occur in the
+prompt's letters (``"dkqqfdkf"`` scores 1). A freshly initialised policy samples the 32 tokens
+almost uniformly, so its mean reward starts near 0.14. A policy that ignores the prompt cannot
+pass about 0.16 (the chance that one fixed letter is in a random prompt): a high reward needs
+the response to depend on the prompt. On a 2-core CPU the default PPO run takes the mean
+reward from 0.14 to above 0.9 in about a minute.
+"""
+
+import random
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = list(string.ascii_lowercase) + [":", " "]
+RESPONSE_CHARS = 8
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer made offline with the ``tokenizers`` library."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + CHARS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def model_config(
+    tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, layers: int = 2
+) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def build_policy(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(model_config(tokenizer))
+
+
+def build_critic(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+    """A value head on a causal-LM backbone: one output per token."""
+    torch.manual_seed(seed + 1)
+    config = model_config(tokenizer)
+    config.num_labels = 1
+    return AutoModelForTokenClassification.from_config(config)
+
+
+def synthetic_prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))) + ":" for _ in range(n)]
+
+
+def echo_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fraction of the response's first RESPONSE_CHARS characters that occur in the prompt's letters."""
+    scores = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        letters = set(prompt.rstrip(":"))
+        scores.append(sum(c in letters for c in response[:RESPONSE_CHARS]) / RESPONSE_CHARS)
+    return scores
