@@ -8,6 +8,7 @@ from fastppo import packing, reference
 from fastppo._backend import active_backend
 from fastppo.ops import (
     discounted_returns,
+    dpo_loss,
     gae,
     group_advantages,
     kl_penalty,
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "active_backend",
     "discounted_returns",
+    "dpo_loss",
     "gae",
     "group_advantages",
     "extension_available",

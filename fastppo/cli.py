@@ -54,25 +54,22 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
-TRAIN_DEFAULTS = {
-    "ppo": {},
-    "grpo": {"algo": "grpo", "group_size": 8},
-    "rloo": {"algo": "rloo", "group_size": 8},
-}
-PLANNED = ("dpo", "rm", "sft")
+ONLINE = {"ppo": {}, "grpo": {"algo": "grpo", "group_size": 8}, "rloo": {"algo": "rloo", "group_size": 8}}
+OFFLINE = ("dpo", "rm", "sft")
 
 
 def parse_train_config(algo: str, argv: list[str]):
-    """A PPOConfig from an optional JSON/YAML file and command-line flags (flags win)."""
+    """The config of ``algo`` from an optional JSON/YAML file and command-line flags (flags win)."""
     import json
 
     import yaml
     from transformers import HfArgumentParser
 
-    from fastppo.trainer.config import PPOConfig
+    from fastppo.trainer import config
 
-    parser = HfArgumentParser(PPOConfig, prog=f"fastppo train {algo}")
-    parser.set_defaults(**TRAIN_DEFAULTS[algo])
+    classes = {"dpo": config.DPOConfig, "rm": config.RMConfig, "sft": config.SFTConfig}
+    parser = HfArgumentParser(classes.get(algo, config.PPOConfig), prog=f"fastppo train {algo}")
+    parser.set_defaults(**ONLINE.get(algo, {}))
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         path, argv = argv[0], argv[1:]
         with open(path) as f:
@@ -87,25 +84,31 @@ def parse_train_config(algo: str, argv: list[str]):
 
 
 def train_command(algo: str, argv: list[str]) -> int:
-    if algo in PLANNED:
-        print(
-            f"fastppo train {algo}: not implemented yet (planned: DPO, reward model and SFT loops)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         cfg = parse_train_config(algo, argv)
-    except ValueError as exc:  # a bad value, named by PPOConfig's checks
+    except ValueError as exc:  # a bad value, named by the config's checks
         print(f"fastppo train {algo}: {exc}", file=sys.stderr)
         return 2
-    from fastppo.trainer.ppo import train
+    if algo in ONLINE:
+        from fastppo.trainer.ppo import train
 
-    history = train(cfg)
-    if history:
-        first, last = history[0]["reward"], history[-1]["reward"]
-        print(
-            f"mean reward {first:.3f} → {last:.3f} over {len(history)} iterations; saved in {cfg.output_dir}"
-        )
+        history = train(cfg)
+        if history:
+            first, last = history[0]["reward"], history[-1]["reward"]
+            print(
+                f"mean reward {first:.3f} → {last:.3f} over {len(history)} iterations; "
+                f"saved in {cfg.output_dir}"
+            )
+        return 0
+    from fastppo.trainer import offline
+
+    run = {"dpo": offline.train_dpo, "rm": offline.train_reward_model, "sft": offline.train_sft}[algo]
+    history = run(cfg)
+    evals = [r for r in history if any(k.startswith("eval_") for k in r)]
+    summary = (
+        ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k.startswith("eval_")) if evals else ""
+    )
+    print(f"{algo}: {history[-1]['step'] if history else 0} steps; {summary}; saved in {cfg.output_dir}")
     return 0
 
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, devices, the active backend and the extension's status")
     train = sub.add_parser("train", help="train a policy (see `fastppo train ppo --help`)", add_help=False)
-    train.add_argument("algo", choices=[*TRAIN_DEFAULTS, *PLANNED])
+    train.add_argument("algo", choices=[*ONLINE, *OFFLINE])
     args, rest = parser.parse_known_args(argv)
     if args.command == "env":
         if rest:

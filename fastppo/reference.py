@@ -468,3 +468,41 @@ def balanced_partition(seqlens, k: int, *, equal_size: bool = True) -> list[list
         groups[g].append(i)
         sums[g] += seqlens[i]
     return [sorted(g) for g in groups]
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    chosen_logp: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    ref_chosen_logp: torch.Tensor,
+    ref_rejected_logp: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation on sequence log-probs ``(B,)``.
+
+    With h = β·((π_c − ref_c) − (π_r − ref_r)): sigmoid = −(1−ε)·logσ(h) − ε·logσ(−h);
+    ipo = (h/β − 1/(2β))²; hinge = relu(1 − h). The loss is the mean over pairs; the rewards
+    β·(π − ref) are returned detached.
+
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: 0-d and ``(B,)`` each, fp32.
+    """
+    f = lambda x: x.float() if x.dtype != torch.float64 else x  # noqa: E731
+    chosen, rejected = f(chosen_logp) - f(ref_chosen_logp), f(rejected_logp) - f(ref_rejected_logp)
+    h = beta * (chosen - rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(
+            h
+        ) - label_smoothing * torch.nn.functional.logsigmoid(-h)
+    elif loss_type == "ipo":
+        losses = (h / beta - 1 / (2 * beta)).square()
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - h)
+    else:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    return losses.mean(), (beta * chosen).detach(), (beta * rejected).detach()

@@ -1,17 +1,18 @@
-"""The PPO / GRPO / RLOO loop on the embedded tiny default: learning, checkpoints, resume,
-robustness and the `fastppo train` command."""
+"""The training loops on the embedded tiny default (PPO / GRPO / RLOO, SFT, reward model, DPO):
+learning, checkpoints, resume, robustness and the `fastppo train` command."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from fastppo.trainer import checkpoint, tiny
-from fastppo.trainer.config import PPOConfig
+from fastppo.trainer import checkpoint, data, offline, tiny
+from fastppo.trainer.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from fastppo.trainer.ppo import train
 
 
@@ -156,5 +157,74 @@ def test_cli_config_file_overrides_and_errors(tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps({"learning_rate": 1.0}))
     typo = fastppo_cli("train", "ppo", "typo.json", cwd=tmp_path)
     assert typo.returncode != 0 and "unknown config fields ['learning_rate']" in typo.stderr
-    planned = fastppo_cli("train", "dpo", cwd=tmp_path)
-    assert planned.returncode == 2 and "not implemented yet" in planned.stderr
+    unknown = fastppo_cli("train", "a2c", cwd=tmp_path)
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The offline loops: SFT, reward model, DPO.
+
+
+def last_eval(history):
+    return [r for r in history if "eval_loss" in r][-1]
+
+
+def test_sft_lowers_held_out_loss(tmp_path):
+    history = offline.train_sft(SFTConfig(output_dir=str(tmp_path), epochs=2, n_synthetic=1024), log=quiet)
+    evals = [r for r in history if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < 0.8 * math.log(len(tiny.build_tokenizer()))  # well below uniform
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.latest_checkpoint(tmp_path) / "policy")
+    assert model.config.vocab_size == len(tiny.build_tokenizer())
+
+
+def test_sft_loss_covers_responses_only():
+    tokenizer = tiny.build_tokenizer()
+    batch = data.encode(tokenizer, ["abc:", "qwerty:"], ["xy", "z"])
+    # bos + 4 prompt tokens, then "xy" + eos: 3 labelled tokens in row 0, "z" + eos in row 1.
+    assert (batch["labels"] != -100).sum(1).tolist() == [3, 2]
+    assert batch["labels"][0, 5:8].tolist() == tokenizer("xy", add_special_tokens=False).input_ids + [
+        tokenizer.eos_token_id
+    ]
+
+
+def test_reward_model_ranks_held_out_pairs(tmp_path):
+    history = offline.train_reward_model(
+        RMConfig(output_dir=str(tmp_path), epochs=1, n_synthetic=1024), log=quiet
+    )
+    assert last_eval(history)["eval_accuracy"] > 0.75  # chance is 0.5
+    folder = checkpoint.latest_checkpoint(tmp_path) / "reward_model"
+    AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_raises_preference_accuracy(loss_type, tmp_path):
+    cfg = DPOConfig(output_dir=str(tmp_path), epochs=1, n_synthetic=1024, loss_type=loss_type)
+    history = offline.train_dpo(cfg, log=quiet)
+    assert last_eval(history)["eval_accuracy"] > 0.75  # chance is 0.5
+    assert {"margin", "chosen_reward", "rejected_reward", "accuracy"} <= set(history[0])
+
+
+def test_offline_loops_read_jsonl(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_pairs(40, 0)))
+    history = offline.train_dpo(
+        DPOConfig(data=str(pairs), output_dir=str(tmp_path / "o"), epochs=1), log=quiet
+    )
+    assert history
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a:", "chosen": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing or non-text fields \['rejected'\]"):
+        offline.train_reward_model(RMConfig(data=str(bad), output_dir=str(tmp_path / "p")), log=quiet)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        DPOConfig(beta=0)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        SFTConfig(eval_fraction=1.0)
+
+
+def test_cli_offline(tmp_path):
+    proc = fastppo_cli(
+        "train", "sft", "--epochs", "1", "--n_synthetic", "256", "--output_dir", "sft", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "eval_loss" in proc.stdout and (tmp_path / "sft" / "metrics.jsonl").exists()

@@ -1,5 +1,6 @@
 """autograd.Functions and the functional API of fastppo's ops (dispatch between Triton and reference)."""
 
+from .dpo_loss import dpo_loss
 from .gae import discounted_returns, gae
 from .group_advantages import group_advantages
 from .kl_penalty import KLPenaltyFunction, kl_penalty
@@ -15,6 +16,7 @@ __all__ = [
     "TokenLogprobsFunction",
     "ValueLossFunction",
     "discounted_returns",
+    "dpo_loss",
     "gae",
     "group_advantages",
     "kl_penalty",

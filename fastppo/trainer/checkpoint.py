@@ -6,8 +6,9 @@ loads half-written; ``latest_checkpoint`` only ever sees complete ones.
 
     checkpoint-<step>/
         policy/      config.json, model.safetensors, tokenizer files (AutoModelForCausalLM-loadable)
-        reference/   the frozen reference policy
-        critic/      the value model (when there is one)
+        reference/   the frozen reference policy (PPO)
+        critic/      the value model (PPO with a critic)
+        reward_model/  (reward-model training)
         trainer_state.pt  step, optimizer and scheduler states, KL coefficient, RNG states
 """
 
@@ -42,9 +43,9 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict, tokenizer, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, model in models.items():
-        if model is not None:
+        if model is not None:  # each folder loads on its own: the tokenizer goes with every model
             model.save_pretrained(tmp / name, safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
+            tokenizer.save_pretrained(tmp / name)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step: move the old one aside first, then drop it

@@ -119,3 +119,71 @@ class PPOConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{name}: no such file or folder: {path}")
+
+
+@dataclass
+class OfflineConfig:
+    """Fields shared by the offline loops (SFT, reward model, DPO)."""
+
+    model: str | None = _help(
+        "Path of a Hugging Face model to start from (loaded offline). "
+        "Default: a tiny Qwen2 built from a config.",
+        default=None,
+    )
+    data: str | None = _help(
+        "JSONL file of the loop's rows. Default: synthetic rows of the built-in task.", default=None
+    )
+    output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/offline")
+    seed: int = _help("Seed of every random generator.", default=0)
+    epochs: int = _help("Passes over the training rows.", default=3)
+    n_synthetic: int = _help("Rows of the synthetic default data.", default=2048)
+    eval_fraction: float = _help("Fraction of rows held out for evaluation.", default=0.1)
+    batch_size: int = _help("Rows per optimizer step.", default=64)
+    lr: float = _help("Learning rate.", default=3e-3)
+    lr_scheduler: str = _help("A transformers scheduler name.", default="constant")
+    warmup_steps: int = _help("Scheduler warm-up in optimizer steps.", default=0)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    max_nonfinite_steps: int = _help("Stop after this many skipped (non-finite) steps in a row.", default=3)
+
+    def __post_init__(self):
+        for name in ("epochs", "n_synthetic", "batch_size", "lr", "max_grad_norm", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        for name in ("model", "data"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{name}: no such file or folder: {path}")
+
+
+@dataclass
+class SFTConfig(OfflineConfig):
+    """Supervised fine-tuning with the loss on response tokens only. Rows: prompt, response."""
+
+    output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/sft")
+
+
+@dataclass
+class RMConfig(OfflineConfig):
+    """Reward model on preference pairs, −log σ(r_chosen − r_rejected). Rows: prompt, chosen, rejected."""
+
+    output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/rm")
+
+
+@dataclass
+class DPOConfig(OfflineConfig):
+    """Direct preference optimisation against a frozen reference. Rows: prompt, chosen, rejected."""
+
+    output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/dpo")
+    beta: float = _help("DPO β.", default=0.1)
+    loss_type: str = _help("sigmoid, ipo or hinge.", default="sigmoid")
+    label_smoothing: float = _help("Label smoothing ε of the sigmoid loss.", default=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ValueError(f"loss_type must be sigmoid, ipo or hinge, got {self.loss_type!r}")

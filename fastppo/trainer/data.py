@@ -1,0 +1,93 @@
+"""Data for the offline loops (SFT, reward model, DPO): local JSONL files or the synthetic
+default of the built-in "echo" task, tokenised into right-padded batches with response-only
+labels.
+
+    SFT         {"prompt": ..., "response": ...}
+    pairs       {"prompt": ..., "chosen": ..., "rejected": ...}     (reward model and DPO)
+"""
+
+import json
+import random
+import string
+
+import torch
+
+from fastppo import packing
+from fastppo.trainer import tiny
+
+
+def load_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = [k for k in fields if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing or non-text fields {missing}")
+            rows.append({k: row[k] for k in fields})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def synthetic_sft(n: int, seed: int) -> list[dict]:
+    """Echo-task demonstrations: the response repeats letters of the prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt in tiny.synthetic_prompts(n, seed):
+        letters = prompt.rstrip(":")
+        rows.append({"prompt": prompt, "response": "".join(rng.choices(letters, k=tiny.RESPONSE_CHARS))})
+    return rows
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """Echo-task preferences: letters of the prompt are preferred to letters not in it."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for row in synthetic_sft(n, seed):
+        others = [c for c in string.ascii_lowercase if c not in row["prompt"]]
+        rejected = "".join(rng.choices(others, k=tiny.RESPONSE_CHARS))
+        rows.append({"prompt": row["prompt"], "chosen": row["response"], "rejected": rejected})
+    return rows
+
+
+def apply_template(tokenizer, prompt: str) -> str:
+    """The tokenizer's chat template around the prompt when it has one; the prompt otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    return prompt
+
+
+def encode(tokenizer, prompts: list[str], responses: list[str]) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (B, L); labels are the token
+    ids on response tokens (and the final EOS) and -100 elsewhere, so losses cover responses only."""
+    sequences, n_prompt = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        head += tokenizer(apply_template(tokenizer, prompt), add_special_tokens=False).input_ids
+        tail = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        sequences.append(head + tail)
+        n_prompt.append(len(head))
+    batch = packing.collate(sequences, tokenizer.pad_token_id, side="right")
+    positions = torch.arange(batch["input_ids"].shape[1])
+    is_response = (positions[None, :] >= torch.tensor(n_prompt)[:, None]) & batch["attention_mask"].bool()
+    batch["labels"] = torch.where(is_response, batch["input_ids"], -100)
+    return batch
+
+
+def batches(rows: list[dict], batch_size: int, rng: random.Random):
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [rows[i] for i in order[start : start + batch_size]]
+
+
+def split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows; held-out gets ⌈fraction·n⌉ rows (at least one when fraction > 0)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = min(len(rows) - 1, max(1, round(eval_fraction * len(rows)))) if eval_fraction > 0 else 0
+    return rows[n_eval:], rows[:n_eval]

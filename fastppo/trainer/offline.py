@@ -1,0 +1,207 @@
+"""The offline loops: SFT (response-only loss), reward model (pairwise loss) and DPO.
+
+Each is a loss on a batch of rows plus the same small fit loop: shuffled batches, AdamW, a
+transformers scheduler, gradient clipping, non-finite steps skipped and counted, metrics per
+step to ``metrics.jsonl``, held-out evaluation after every epoch, an atomic checkpoint at the end.
+"""
+
+import copy
+import json
+import math
+import random
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    get_scheduler,
+)
+
+import fastppo
+from fastppo.trainer import checkpoint, data, tiny
+from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
+
+
+def load_tokenizer(cfg: OfflineConfig):
+    tokenizer = tiny.build_tokenizer() if cfg.model is None else AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: OfflineConfig, tokenizer):
+    return (
+        tiny.build_policy(tokenizer, cfg.seed)
+        if cfg.model is None
+        else AutoModelForCausalLM.from_pretrained(cfg.model)
+    )
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """(B,) log-probability of each row's response tokens: a masked sum of token log-probs."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logp = fastppo.token_logprobs(logits[:, :-1], labels)  # 0 where the label is -100
+    return logp.sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The three losses: (model, rows) -> (loss, metrics of 0-d tensors).
+
+
+def sft_loss(model, tokenizer, rows):
+    batch = data.encode(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    n_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+    loss = -sequence_logprobs(model, batch).sum() / n_tokens  # mean NLL per response token
+    return loss, {"loss": loss.detach(), "perplexity": loss.detach().exp()}
+
+
+def pair_batches(tokenizer, rows):
+    prompts = [r["prompt"] for r in rows]
+    chosen = data.encode(tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = data.encode(tokenizer, prompts, [r["rejected"] for r in rows])
+    return chosen, rejected
+
+
+def reward_model_loss(model, tokenizer, rows):
+    chosen, rejected = pair_batches(tokenizer, rows)
+    score = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0].float()  # noqa: E731
+    margin = score(chosen) - score(rejected)
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return loss, {
+        "loss": loss.detach(),
+        "accuracy": (margin > 0).float().mean(),
+        "margin": margin.detach().mean(),
+    }
+
+
+def make_dpo_loss(cfg: DPOConfig, reference):
+    def dpo_loss(model, tokenizer, rows):
+        chosen, rejected = pair_batches(tokenizer, rows)
+        with torch.no_grad():  # reference log-probs: once per batch, no graph
+            ref_chosen, ref_rejected = (
+                sequence_logprobs(reference, chosen),
+                sequence_logprobs(reference, rejected),
+            )
+        loss, chosen_rewards, rejected_rewards = fastppo.dpo_loss(
+            sequence_logprobs(model, chosen), sequence_logprobs(model, rejected), ref_chosen, ref_rejected,
+            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        )  # fmt: skip
+        margin = chosen_rewards - rejected_rewards
+        return loss, {
+            "loss": loss.detach(), "accuracy": (margin > 0).float().mean(), "margin": margin.mean(),
+            "chosen_reward": chosen_rewards.mean(), "rejected_reward": rejected_rewards.mean(),
+        }  # fmt: skip
+
+    return dpo_loss
+
+
+# --------------------------------------------------------------------------------------------
+# The fit loop.
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows, loss_fn, batch_size) -> dict:
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        _, metrics = loss_fn(model, tokenizer, chunk)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+    return {f"eval_{k}": v / len(rows) for k, v in totals.items()}
+
+
+def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=print) -> list[dict]:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # noqa: NPY002 (libraries draw from the global generator)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows, eval_rows = data.split(rows, cfg.eval_fraction, cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    total_steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)  # fmt: skip
+    rng = random.Random(cfg.seed)
+    history, step, skipped_in_a_row = [], 0, 0
+    with open(out / "metrics.jsonl", "a") as metrics_file, tqdm(total=total_steps, desc=name) as bar:
+        for epoch in range(cfg.epochs):
+            for rows_batch in data.batches(train_rows, cfg.batch_size, rng):
+                model.train()
+                loss, metrics = loss_fn(model, tokenizer, rows_batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                step += 1
+                bar.update(1)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    skipped_in_a_row += 1
+                    warnings.warn(
+                        f"{name} step {step}: non-finite loss or gradient, step skipped", stacklevel=1
+                    )
+                    if skipped_in_a_row >= cfg.max_nonfinite_steps:
+                        raise RuntimeError(f"{skipped_in_a_row} non-finite steps in a row: stopping")
+                    continue
+                skipped_in_a_row = 0
+                optimizer.step()
+                scheduler.step()
+                record = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in metrics.items()}}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
+                history.append(record)
+                metrics_file.write(json.dumps(record) + "\n")
+            if eval_rows:
+                record = {"step": step, "epoch": epoch + 1, **evaluate(model, tokenizer, eval_rows, loss_fn,
+                                                                          cfg.batch_size)}  # fmt: skip
+                log(
+                    f"{name} epoch {epoch + 1}: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if "eval" in k)
+                )
+                history.append(record)
+                metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+    folder = "reward_model" if name == "rm" else "policy"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": checkpoint.rng_state(), "config": asdict(cfg)}  # fmt: skip
+    checkpoint.save_checkpoint(out, step, {folder: model}, tokenizer, state)
+    return history
+
+
+def train_sft(cfg: SFTConfig, log=print) -> list[dict]:
+    tokenizer = load_tokenizer(cfg)
+    rows = (
+        data.load_jsonl(cfg.data, ("prompt", "response"))
+        if cfg.data
+        else data.synthetic_sft(cfg.n_synthetic, cfg.seed)
+    )
+    return fit(cfg, "sft", load_causal_lm(cfg, tokenizer), tokenizer, rows, sft_loss, log)
+
+
+def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
+    tokenizer = load_tokenizer(cfg)
+    if cfg.model is None:
+        config = tiny.model_config(tokenizer)
+        config.num_labels = 1
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
+    fields = ("prompt", "chosen", "rejected")
+    rows = data.load_jsonl(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    return fit(cfg, "rm", model, tokenizer, rows, reward_model_loss, log)
+
+
+def train_dpo(cfg: DPOConfig, log=print) -> list[dict]:
+    tokenizer = load_tokenizer(cfg)
+    policy = load_causal_lm(cfg, tokenizer)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    fields = ("prompt", "chosen", "rejected")
+    rows = data.load_jsonl(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    return fit(cfg, "dpo", policy, tokenizer, rows, make_dpo_loss(cfg, reference), log)
