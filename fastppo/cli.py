@@ -90,9 +90,13 @@ def train_command(algo: str, argv: list[str]) -> int:
         print(f"fastppo train {algo}: {exc}", file=sys.stderr)
         return 2
     if algo in ONLINE:
+        import torch.distributed as dist
+
         from fastppo.trainer.ppo import train
 
         history = train(cfg)
+        if dist.is_initialized():  # launched by torchrun
+            dist.destroy_process_group()
         if history:
             first, last = history[0]["reward"], history[-1]["reward"]
             print(

@@ -228,3 +228,18 @@ def test_cli_offline(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "eval_loss" in proc.stdout and (tmp_path / "sft" / "metrics.jsonl").exists()
+
+
+def test_two_processes_stay_in_sync(tmp_path):
+    """torchrun with 2 processes (gloo on CPU): a few PPO steps, ranks checked identical."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "3", "--batch_size", "16"]
+    cmd = [*launch, *run, "--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "rank 0: 2 ranks in sync" in output and "rank 1: 2 ranks in sync" in output
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # written by rank 0 only
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint-3" / "policy")

@@ -40,6 +40,9 @@ class PPOConfig:
     output_dir: str = _help("Where checkpoints, metrics.jsonl and logs go.", default="fastppo-runs/ppo")
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", default=False)
     seed: int = _help("Seed of every random generator.", default=0)
+    device: str = _help(
+        "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
+    )
 
     # Algorithm.
     algo: str = _help(f"One of {ALGOS}: PPO with a critic, or critic-free group baselines.", default="ppo")
@@ -135,6 +138,9 @@ class OfflineConfig:
     )
     output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/offline")
     seed: int = _help("Seed of every random generator.", default=0)
+    device: str = _help(
+        "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
+    )
     epochs: int = _help("Passes over the training rows.", default=3)
     n_synthetic: int = _help("Rows of the synthetic default data.", default=2048)
     eval_fraction: float = _help("Fraction of rows held out for evaluation.", default=0.1)

@@ -13,7 +13,6 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
@@ -24,7 +23,7 @@ from transformers import (
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, tiny
+from fastppo.trainer import checkpoint, data, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 
 
@@ -55,22 +54,26 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
 # The three losses: (model, rows) -> (loss, metrics of 0-d tensors).
 
 
-def sft_loss(model, tokenizer, rows):
-    batch = data.encode(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+def on(device, batch: dict) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sft_loss(model, tokenizer, rows, device):
+    batch = on(device, data.encode(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows]))
     n_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
     loss = -sequence_logprobs(model, batch).sum() / n_tokens  # mean NLL per response token
     return loss, {"loss": loss.detach(), "perplexity": loss.detach().exp()}
 
 
-def pair_batches(tokenizer, rows):
+def pair_batches(tokenizer, rows, device):
     prompts = [r["prompt"] for r in rows]
     chosen = data.encode(tokenizer, prompts, [r["chosen"] for r in rows])
     rejected = data.encode(tokenizer, prompts, [r["rejected"] for r in rows])
-    return chosen, rejected
+    return on(device, chosen), on(device, rejected)
 
 
-def reward_model_loss(model, tokenizer, rows):
-    chosen, rejected = pair_batches(tokenizer, rows)
+def reward_model_loss(model, tokenizer, rows, device):
+    chosen, rejected = pair_batches(tokenizer, rows, device)
     score = lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0].float()  # noqa: E731
     margin = score(chosen) - score(rejected)
     loss = -torch.nn.functional.logsigmoid(margin).mean()
@@ -82,8 +85,8 @@ def reward_model_loss(model, tokenizer, rows):
 
 
 def make_dpo_loss(cfg: DPOConfig, reference):
-    def dpo_loss(model, tokenizer, rows):
-        chosen, rejected = pair_batches(tokenizer, rows)
+    def dpo_loss(model, tokenizer, rows, device):
+        chosen, rejected = pair_batches(tokenizer, rows, device)
         with torch.no_grad():  # reference log-probs: once per batch, no graph
             ref_chosen, ref_rejected = (
                 sequence_logprobs(reference, chosen),
@@ -107,21 +110,22 @@ def make_dpo_loss(cfg: DPOConfig, reference):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows, loss_fn, batch_size) -> dict:
+def evaluate(model, tokenizer, rows, loss_fn, batch_size, device) -> dict:
     model.eval()
     totals: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        _, metrics = loss_fn(model, tokenizer, chunk)
+        with runtime.autocast(device):
+            _, metrics = loss_fn(model, tokenizer, chunk, device)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
     return {f"eval_{k}": v / len(rows) for k, v in totals.items()}
 
 
 def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=print) -> list[dict]:
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)  # noqa: NPY002 (libraries draw from the global generator)
-    torch.manual_seed(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    runtime.seed_everything(cfg.seed)
+    model = model.to(device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows = data.split(rows, cfg.eval_fraction, cfg.seed)
@@ -135,7 +139,8 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
         for epoch in range(cfg.epochs):
             for rows_batch in data.batches(train_rows, cfg.batch_size, rng):
                 model.train()
-                loss, metrics = loss_fn(model, tokenizer, rows_batch)
+                with runtime.autocast(device):
+                    loss, metrics = loss_fn(model, tokenizer, rows_batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -157,8 +162,8 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
                 history.append(record)
                 metrics_file.write(json.dumps(record) + "\n")
             if eval_rows:
-                record = {"step": step, "epoch": epoch + 1, **evaluate(model, tokenizer, eval_rows, loss_fn,
-                                                                          cfg.batch_size)}  # fmt: skip
+                held_out = evaluate(model, tokenizer, eval_rows, loss_fn, cfg.batch_size, device)
+                record = {"step": step, "epoch": epoch + 1, **held_out}
                 log(
                     f"{name} epoch {epoch + 1}: "
                     + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if "eval" in k)
@@ -201,7 +206,7 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
 def train_dpo(cfg: DPOConfig, log=print) -> list[dict]:
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg, tokenizer)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(runtime.resolve_device(cfg.device))
     fields = ("prompt", "chosen", "rejected")
     rows = data.load_jsonl(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "dpo", policy, tokenizer, rows, make_dpo_loss(cfg, reference), log)

@@ -8,6 +8,7 @@ by the KL (``shape_rewards``) → ``gae`` and ``masked_whiten`` (or ``group_adva
 packed response tokens.
 """
 
+import contextlib
 import copy
 import importlib
 import json
@@ -18,7 +19,6 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
@@ -31,7 +31,7 @@ from transformers import (
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import checkpoint, tiny
+from fastppo.trainer import checkpoint, runtime, tiny
 from fastppo.trainer.config import PPOConfig
 
 # --------------------------------------------------------------------------------------------
@@ -98,26 +98,28 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def forward(model, device, sequences, attention_mask):
+    with runtime.autocast(device):
+        return model(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        )
+
+
 @torch.no_grad()
-def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef):
+def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef, device):
     """Generate, score and compute everything the update needs, for one batch of prompts."""
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
     ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
     batch = packing.collate(ids, tokenizer.pad_token_id, side="left")
-    prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     P = prompt_ids.shape[1]
     policy.eval()
-    sequences = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with runtime.autocast(device):
+        sequences = runtime.unwrap(policy).generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
     responses = sequences[:, P:]
     # A response ends at its first EOS (included); what generate writes after it is padding.
     eos = (responses == tokenizer.eos_token_id).long()
@@ -126,178 +128,160 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
     texts = tokenizer.batch_decode(
         torch.where(response_mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
     )
-    scores = torch.tensor(reward_fn(prompts, texts), dtype=torch.float32)
+    scores = torch.tensor(reward_fn(prompts, texts), dtype=torch.float32, device=device)
 
     labels = torch.where(response_mask, responses, -100)
-    pos = position_ids(attention_mask)
 
     def response_logprobs(model):
-        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=pos).logits
+        logits = forward(model, device, sequences, attention_mask).logits
         return fastppo.token_logprobs(logits[:, P - 1 : -1], labels, temperature=cfg.temperature)
 
     old_logp, ref_logp = response_logprobs(policy), response_logprobs(reference)
     mask = response_mask.float()
     kl = fastppo.kl_penalty(old_logp, ref_logp, "k1") * mask
     if critic is not None:
-        values = critic(input_ids=sequences, attention_mask=attention_mask, position_ids=pos).logits[..., 0]
+        values = forward(critic, device, sequences, attention_mask).logits[..., 0]
         values = values[:, P - 1 : -1].float() * mask
         rewards = fastppo.shape_rewards(scores, response_mask, kl=kl, kl_coef=kl_coef)
         advantages, returns = fastppo.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
     else:
-        group_ids = torch.arange(len(prompts)) // cfg.group_size
+        group_ids = torch.arange(len(prompts), device=device) // cfg.group_size
         per_sequence = fastppo.group_advantages(
             scores, group_ids, method="grpo" if cfg.algo == "grpo" else "rloo"
         )
         advantages, values, returns = per_sequence[:, None] * mask, None, None
     if cfg.whiten_advantages:
         advantages = fastppo.masked_whiten(advantages, response_mask) * mask
-    return {
-        "sequences": sequences,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "response_mask": response_mask,
-        "old_logp": old_logp,
-        "ref_logp": ref_logp,
-        "advantages": advantages,
-        "values": values,
-        "returns": returns,
-        "scores": scores,
-        "kl": kl,
-        "prompt_len": P,
-    }
+    return dict(
+        sequences=sequences, attention_mask=attention_mask, labels=labels, response_mask=response_mask,
+        old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, values=values, returns=returns,
+        scores=scores, kl=kl, prompt_len=P,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # Update.
 
 
-def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef):
+def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device):
     """Losses of the micro-batch ``idx``, scaled so that the micro-batches of a mini-batch add up to
     its token mean. Losses are computed on packed response tokens."""
     P = data["prompt_len"]
     take = lambda key: data[key][idx]  # noqa: E731
-    attention_mask = take("attention_mask")
-    pos = position_ids(attention_mask)
-    logits = policy(input_ids=take("sequences"), attention_mask=attention_mask, position_ids=pos).logits
+    logits = forward(policy, device, take("sequences"), take("attention_mask")).logits
     logp, entropy = fastppo.token_logprobs(
         logits[:, P - 1 : -1], take("labels"), temperature=cfg.temperature, return_entropy=True
     )
     layout = packing.unpad(take("response_mask"))
     flat = lambda x: packing.pack(x, layout)  # noqa: E731
-    ones = torch.ones(layout.indices.numel())
+    ones = torch.ones(layout.indices.numel(), device=device)
     in_loss_kl = cfg.algo != "ppo" and kl_coef > 0  # critic-free methods put the KL in the loss
     policy_loss, stats = fastppo.ppo_policy_loss(
-        flat(logp),
-        flat(take("old_logp")),
-        flat(take("advantages")),
-        ones,
-        agg="token-sum",
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        dual_clip=cfg.dual_clip,
-        ref_logp=flat(take("ref_logp")) if in_loss_kl else None,
-        kl_coef=kl_coef if in_loss_kl else 0.0,
-        entropy=flat(entropy),
-        entropy_coef=cfg.entropy_coef,
-    )
+        flat(logp), flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        ref_logp=flat(take("ref_logp")) if in_loss_kl else None, kl_coef=kl_coef if in_loss_kl else 0.0,
+        entropy=flat(entropy), entropy_coef=cfg.entropy_coef,
+    )  # fmt: skip
     loss = policy_loss / n_tokens
-    value_loss = torch.zeros(())
+    value_loss = torch.zeros((), device=device)
     if critic is not None:
-        values = critic(input_ids=take("sequences"), attention_mask=attention_mask, position_ids=pos).logits[
-            ..., 0
-        ]
+        values = forward(critic, device, take("sequences"), take("attention_mask")).logits[..., 0]
         value_loss, _ = fastppo.value_loss(
-            flat(values[:, P - 1 : -1].float()),
-            flat(take("values")),
-            flat(take("returns")),
-            ones,
-            clip=cfg.value_clip,
-            agg="token-sum",
-        )
+            flat(values[:, P - 1 : -1].float()), flat(take("values")), flat(take("returns")), ones,
+            clip=cfg.value_clip, agg="token-sum",
+        )  # fmt: skip
         loss = loss + cfg.value_coef * value_loss / n_tokens
-    return (
-        loss,
-        policy_loss.detach() / n_tokens,
-        value_loss.detach() / n_tokens,
-        stats,
-        layout.indices.numel(),
-    )
+    return loss, policy_loss.detach() / n_tokens, value_loss.detach() / n_tokens, stats
+
+
+def accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals) -> None:
+    """Backward of mini-batch ``mb`` over the micro-batches planned for its token budget.
+
+    Ranks may plan different numbers of micro-batches: under DDP the gradients are all-reduced
+    on the last micro-batch only (``no_sync`` before it), so no rank waits for a missing one.
+    """
+    n_tokens = max(int(data["response_mask"][mb].sum()), 1)
+    seqlens = data["attention_mask"][mb].sum(1)
+    micros = [m for m in packing.plan_microbatches(seqlens, cfg.max_tokens_per_microbatch) if m]
+    models = [m for m in (policy, critic) if m is not None]
+    for i, micro in enumerate(micros):
+        with contextlib.ExitStack() as stack:
+            if distributed.enabled and i < len(micros) - 1:
+                for model in models:
+                    stack.enter_context(model.no_sync())
+            loss, policy_loss, value_loss, stats = micro_batch_losses(
+                cfg, policy, critic, data, mb[micro], n_tokens, kl_coef, device
+            )
+            loss.backward()
+        totals["policy_loss"] += policy_loss.item()
+        totals["value_loss"] += value_loss.item()
+        totals["clipfrac"] += stats["clipfrac"].item() * len(micro) / len(mb)
+        totals["entropy"] += stats["entropy"].item() * len(micro) / len(mb)
 
 
 def train(cfg: PPOConfig, log=print) -> list[dict]:
     """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)  # noqa: NPY002 (libraries draw from the global generator)
-    torch.manual_seed(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    distributed = runtime.init_distributed(device)
+    runtime.seed_everything(cfg.seed)  # the same initial models on every rank
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, policy, reference, critic = load_models(cfg)
+    policy, reference = policy.to(device), reference.to(device)
+    critic = critic.to(device) if critic is not None else None
     prompts = load_prompts(cfg)
     reward_fn = load_reward(cfg, tokenizer)
     prompts_per_iter = max(cfg.batch_size // cfg.group_size, 1)
     steps_per_iter = cfg.ppo_epochs * math.ceil(prompts_per_iter * cfg.group_size / cfg.minibatch_size)
-    params = [{"params": policy.parameters(), "lr": cfg.lr}]
+    params = [{"params": list(policy.parameters()), "lr": cfg.lr}]
     if critic is not None:
-        params.append({"params": critic.parameters(), "lr": cfg.critic_lr})
+        params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=cfg.iterations * steps_per_iter,
-    )
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.iterations * steps_per_iter)  # fmt: skip
     kl_coef, start, skipped_in_a_row = cfg.kl_coef, 0, 0
 
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and last is None:
         log(f"resume: no checkpoint in {out}, starting from scratch")
     if last is not None:
-        policy.load_state_dict(AutoModelForCausalLM.from_pretrained(last / "policy").state_dict())
-        reference.load_state_dict(AutoModelForCausalLM.from_pretrained(last / "reference").state_dict())
+        load = lambda cls, name: cls.from_pretrained(last / name).state_dict()  # noqa: E731
+        policy.load_state_dict(load(AutoModelForCausalLM, "policy"))
+        reference.load_state_dict(load(AutoModelForCausalLM, "reference"))
         if critic is not None:
-            critic.load_state_dict(
-                AutoModelForTokenClassification.from_pretrained(last / "critic").state_dict()
-            )
+            critic.load_state_dict(load(AutoModelForTokenClassification, "critic"))
         state = checkpoint.load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         kl_coef, start = state["kl_coef"], state["iteration"]
         log(f"resumed from {last} at iteration {start}")
+    if distributed.enabled:  # every rank samples its own prompts and responses
+        runtime.seed_everything(cfg.seed + 1000 * distributed.rank + start)
+    policy = runtime.wrap(policy, device, distributed)
+    critic = runtime.wrap(critic, device, distributed) if critic is not None else None
 
     history = []
-    metrics_file = open(out / "metrics.jsonl", "a")
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.algo, leave=True)
+    metrics_file = open(out / "metrics.jsonl", "a") if distributed.main else None
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.algo,
+               disable=not distributed.main)  # fmt: skip
     for iteration in bar:
         t0 = time.time()
         batch_prompts = random.sample(prompts, min(prompts_per_iter, len(prompts)))
-        data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef)
+        data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef, device)
         n = data["sequences"].shape[0]
-        seqlens = data["attention_mask"].sum(1)
 
         policy.train()
         if critic is not None:
             critic.train()
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "steps": 0}
         for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(n).split(cfg.minibatch_size):
-                n_tokens = max(int(data["response_mask"][mb].sum()), 1)
+            for mb in torch.randperm(n, device=device).split(cfg.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                for micro in packing.plan_microbatches(seqlens[mb], cfg.max_tokens_per_microbatch):
-                    if not micro:
-                        continue
-                    loss, pl, vl, stats, _ = micro_batch_losses(
-                        cfg, policy, critic, data, mb[micro], n_tokens, kl_coef
-                    )
-                    loss.backward()
-                    totals["policy_loss"] += pl.item()
-                    totals["value_loss"] += vl.item()
-                    totals["clipfrac"] += stats["clipfrac"].item() * len(micro) / len(mb)
-                    totals["entropy"] += stats["entropy"].item() * len(micro) / len(mb)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in params for p in g["params"]], cfg.max_grad_norm
-                )
-                if not torch.isfinite(grad_norm):
+                accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals)
+                all_params = [p for group in params for p in group["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
                     skipped_in_a_row += 1
                     warnings.warn(f"iteration {iteration}: non-finite gradient, step skipped", stacklevel=1)
                     if skipped_in_a_row >= cfg.max_nonfinite_steps:
@@ -309,36 +293,38 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 totals["steps"] += 1
 
         mask = data["response_mask"].float()
-        mean_kl = float((data["kl"].sum(1)).mean())  # per-sequence KL, summed over tokens
-        if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.)
-            error = max(min(mean_kl / cfg.kl_target - 1, 0.2), -0.2)
-            kl_coef *= 1 + error * n / cfg.kl_horizon
         steps = max(totals.pop("steps"), 1)
-        record = {
-            "iteration": iteration + 1,
-            "reward": float(data["scores"].mean()),
-            "reward_std": float(data["scores"].std()),
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "response_length": float(mask.sum(1).mean()),
-            **{k: v / steps for k, v in totals.items()},
-            "seconds": time.time() - t0,
-        }
+        local = {
+            "reward": float(data["scores"].mean()), "reward_std": float(data["scores"].std()),
+            "kl": float(data["kl"].sum(1).mean()),  # per-sequence KL, summed over tokens
+            "response_length": float(mask.sum(1).mean()), **{k: v / steps for k, v in totals.items()},
+        }  # fmt: skip
+        record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, device, distributed)}
+        if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), same on every rank
+            error = max(min(record["kl"] / cfg.kl_target - 1, 0.2), -0.2)
+            kl_coef *= 1 + error * n * distributed.world_size / cfg.kl_horizon
+        record.update(kl_coef=kl_coef, seconds=time.time() - t0)
         history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{mean_kl:.3f}")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         done = iteration + 1 == cfg.iterations
         if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-            state = {
-                "iteration": iteration + 1,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "kl_coef": kl_coef,
-                "config": asdict(cfg),
-            }
-            models = {"policy": policy, "reference": reference, "critic": critic}
-            checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state)
-    metrics_file.close()
+            if distributed.main:
+                state = dict(iteration=iteration + 1, kl_coef=kl_coef, config=asdict(cfg))
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                state.update(rng=checkpoint.rng_state())
+                models = {"policy": runtime.unwrap(policy), "reference": reference,
+                          "critic": runtime.unwrap(critic) if critic is not None else None}  # fmt: skip
+                checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state)
+            if distributed.enabled:
+                torch.distributed.barrier()
+    if metrics_file is not None:
+        metrics_file.close()
+    runtime.check_in_sync(policy, device, distributed)
+    if critic is not None:
+        runtime.check_in_sync(critic, device, distributed)
+    if distributed.enabled:
+        log(f"rank {distributed.rank}: {distributed.world_size} ranks in sync")
     return history

@@ -1,0 +1,98 @@
+"""Where the loops run: device, bf16 autocast, seeding, and multi-process (torchrun) set-up.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the default group (NCCL on GPUs, gloo
+on CPU), the trained models are wrapped in DistributedDataParallel, every rank samples its own
+prompts, and rank 0 alone writes logs and checkpoints.
+"""
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the local CUDA device when there is one (under torchrun: LOCAL_RANK's), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name} was asked for but CUDA is not available")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs; a no-op on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (libraries draw from the global generator)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the default process group when launched by torchrun; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def wrap(model: torch.nn.Module, device: torch.device, distributed: Distributed) -> torch.nn.Module:
+    if not distributed.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def mean_over_ranks(
+    values: dict[str, float], device: torch.device, distributed: Distributed
+) -> dict[str, float]:
+    if not distributed.enabled:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / distributed.world_size).tolist(), strict=True))
+
+
+def check_in_sync(model: torch.nn.Module, device: torch.device, distributed: Distributed) -> None:
+    """Raise if the ranks' copies of ``model`` differ (a fingerprint of every parameter)."""
+    if not distributed.enabled:
+        return
+    fingerprint = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).to(device)
+    gathered = [torch.empty_like(fingerprint) for _ in range(distributed.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("the ranks' models have diverged")
