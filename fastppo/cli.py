@@ -1,6 +1,9 @@
 """The ``fastppo`` command.
 
-fastppo env     versions, devices, the active backend and whether fastppo._C is built
+- ``fastppo env``: versions, devices, the active backend and whether fastppo._C is built.
+- ``fastppo train ppo|grpo|rloo|dpo|rm|sft [FILE] [--field value ...]``: train (FILE: a JSON or
+  YAML config; flags override it).
+- ``fastppo eval --policy DIR [...]``: reward, KL, length and diversity on held-out prompts.
 """
 
 import argparse
@@ -116,13 +119,32 @@ def train_command(algo: str, argv: list[str]) -> int:
     return 0
 
 
+def eval_command(argv: list[str]) -> int:
+    import json
+
+    from transformers import HfArgumentParser
+
+    from fastppo.trainer.evaluate import EvalConfig, evaluate
+
+    try:
+        (cfg,) = HfArgumentParser(EvalConfig, prog="fastppo eval").parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:
+        print(f"fastppo eval: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(evaluate(cfg), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastppo", description=__doc__.splitlines()[1].strip())
+    parser = argparse.ArgumentParser(prog="fastppo", description="fastppo: fused RL fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, devices, the active backend and the extension's status")
     train = sub.add_parser("train", help="train a policy (see `fastppo train ppo --help`)", add_help=False)
     train.add_argument("algo", choices=[*ONLINE, *OFFLINE])
+    sub.add_parser("eval", help="evaluate a policy (see `fastppo eval --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "eval":
+        return eval_command(rest)
     if args.command == "env":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from fastppo.trainer import checkpoint, data, offline, tiny
+from fastppo.trainer import checkpoint, data, evaluate, offline, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from fastppo.trainer.ppo import train
 
@@ -243,3 +243,38 @@ def test_two_processes_stay_in_sync(tmp_path):
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # written by rank 0 only
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint-3" / "policy")
+
+
+# --------------------------------------------------------------------------------------------
+# fastppo eval and the plot.
+
+
+def test_diversity_metrics_by_hand():
+    responses = [[1, 2, 3, 1, 2, 3], [4, 4]]
+    # 1-grams: 8 in all, {1, 2, 3, 4} distinct; 2-grams: 12 23 31 12 23 44 → 4 distinct of 6.
+    assert evaluate.distinct_n(responses, 1) == 4 / 8
+    assert evaluate.distinct_n(responses, 2) == 4 / 6
+    # 3-grams of the first: 123 231 312 123 → one repeat of 4; the second has none.
+    assert evaluate.repeated_ngram_rate(responses, 3) == 1 / 4
+    assert evaluate.distinct_n([[]], 2) == 0.0
+
+
+def test_eval_after_training_and_plot(tmp_path):
+    train(PPOConfig(iterations=30, output_dir=str(tmp_path), seed=3), log=quiet)
+    assert (tmp_path / "metrics.png").stat().st_size > 1000  # matplotlib is in the dev extra
+    trained = evaluate.evaluate(
+        evaluate.EvalConfig(policy=str(tmp_path / "checkpoint-30" / "policy"), n_prompts=64)
+    )
+    untrained = evaluate.evaluate(
+        evaluate.EvalConfig(policy=str(tmp_path / "checkpoint-30" / "reference"), n_prompts=64)
+    )
+    assert trained["reward"] > untrained["reward"] + 0.1
+    assert trained["kl_to_reference"] > untrained["kl_to_reference"] >= 0  # the reference vs itself: 0
+    assert untrained["kl_to_reference"] < 1e-4
+    assert 0 < trained["distinct_1"] <= 1 and 0 <= trained["repeated_3gram_rate"] <= 1
+    proc = fastppo_cli("eval", "--policy", str(tmp_path / "checkpoint-30" / "policy"), "--n_prompts", "16",
+                       "--output", "eval.json", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["prompts"] == 16
+    bad = fastppo_cli("eval", "--policy", "/no/such/dir", cwd=tmp_path)
+    assert bad.returncode == 2 and "policy: no such folder" in bad.stderr

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, runtime, tiny
+from fastppo.trainer import checkpoint, data, plots, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 
 
@@ -171,6 +171,8 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
                 history.append(record)
                 metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+    if plots.plot_metrics(out / "metrics.jsonl", out / "metrics.png") is None:
+        log("no metrics.png: install matplotlib for the plot")
     folder = "reward_model" if name == "rm" else "policy"
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": checkpoint.rng_state(), "config": asdict(cfg)}  # fmt: skip

@@ -31,8 +31,9 @@ from transformers import (
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import checkpoint, runtime, tiny
+from fastppo.trainer import checkpoint, plots, runtime, tiny
 from fastppo.trainer.config import PPOConfig
+from fastppo.trainer.data import apply_template
 
 # --------------------------------------------------------------------------------------------
 # Set-up: models, prompts, reward.
@@ -98,6 +99,21 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (for generation), with BOS when the tokenizer has one and
+    its chat template when it has one."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [bos + tokenizer(apply_template(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    batch = packing.collate(ids, tokenizer.pad_token_id, side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def ends_at_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """A response ends at its first EOS (included); what generate writes after it is padding."""
+    eos = (responses == eos_token_id).long()
+    return (eos.cumsum(1) - eos) == 0
+
+
 def forward(model, device, sequences, attention_mask):
     with runtime.autocast(device):
         return model(
@@ -109,9 +125,7 @@ def forward(model, device, sequences, attention_mask):
 def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef, device):
     """Generate, score and compute everything the update needs, for one batch of prompts."""
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
-    batch = packing.collate(ids, tokenizer.pad_token_id, side="left")
-    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     P = prompt_ids.shape[1]
     policy.eval()
     with runtime.autocast(device):
@@ -121,9 +135,7 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
             eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
     responses = sequences[:, P:]
-    # A response ends at its first EOS (included); what generate writes after it is padding.
-    eos = (responses == tokenizer.eos_token_id).long()
-    response_mask = (eos.cumsum(1) - eos) == 0
+    response_mask = ends_at_eos(responses, tokenizer.eos_token_id)
     attention_mask = torch.cat([prompt_mask.bool(), response_mask], 1)
     texts = tokenizer.batch_decode(
         torch.where(response_mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
@@ -322,6 +334,8 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 torch.distributed.barrier()
     if metrics_file is not None:
         metrics_file.close()
+        if plots.plot_metrics(out / "metrics.jsonl", out / "metrics.png") is None:
+            log("no metrics.png: install matplotlib for the plot")
     runtime.check_in_sync(policy, device, distributed)
     if critic is not None:
         runtime.check_in_sync(critic, device, distributed)
