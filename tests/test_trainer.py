@@ -205,6 +205,40 @@ def test_dpo_raises_preference_accuracy(loss_type, tmp_path):
     assert {"margin", "chosen_reward", "rejected_reward", "accuracy"} <= set(history[0])
 
 
+def test_offline_resume_equals_uninterrupted(tmp_path):
+    small = dict(n_synthetic=256, batch_size=32, eval_fraction=0.25)
+    straight = offline.train_reward_model(
+        RMConfig(output_dir=str(tmp_path / "a"), epochs=3, **small), log=quiet
+    )
+    offline.train_reward_model(RMConfig(output_dir=str(tmp_path / "b"), epochs=1, **small), log=quiet)
+    resumed = offline.train_reward_model(
+        RMConfig(output_dir=str(tmp_path / "b"), epochs=3, resume=True, **small), log=quiet
+    )
+    assert resumed == [r for r in straight if r["epoch"] > 1]
+    a = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint.latest_checkpoint(tmp_path / "a") / "reward_model"
+    )
+    b = AutoModelForSequenceClassification.from_pretrained(
+        checkpoint.latest_checkpoint(tmp_path / "b") / "reward_model"
+    )
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_parquet_rows_and_tensorboard(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = data.synthetic_sft(64, 0)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft.parquet")
+    assert data.read_rows(str(tmp_path / "sft.parquet"), ("prompt", "response")) == rows
+    offline.train_sft(SFTConfig(data=str(tmp_path / "sft.parquet"), output_dir=str(tmp_path / "o"), epochs=1),
+                      log=quiet)  # fmt: skip
+    events = list((tmp_path / "o" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
 def test_offline_loops_read_jsonl(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in data.synthetic_pairs(40, 0)))
@@ -214,7 +248,7 @@ def test_offline_loops_read_jsonl(tmp_path):
     assert history
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a:", "chosen": "b"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing or non-text fields \['rejected'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1: missing or non-text fields \['rejected'\]"):
         offline.train_reward_model(RMConfig(data=str(bad), output_dir=str(tmp_path / "p")), log=quiet)
     with pytest.raises(ValueError, match="beta must be > 0"):
         DPOConfig(beta=0)

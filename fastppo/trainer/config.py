@@ -137,6 +137,9 @@ class OfflineConfig:
         "JSONL file of the loop's rows. Default: synthetic rows of the built-in task.", default=None
     )
     output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/offline")
+    resume: bool = _help(
+        "Continue from the latest checkpoint in output_dir (one is saved per epoch).", default=False
+    )
     seed: int = _help("Seed of every random generator.", default=0)
     device: str = _help(
         "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"

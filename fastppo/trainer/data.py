@@ -1,4 +1,4 @@
-"""Data for the offline loops (SFT, reward model, DPO): local JSONL files or the synthetic
+"""Data for the offline loops (SFT, reward model, DPO): local JSONL or Parquet files, or the synthetic
 default of the built-in "echo" task, tokenised into right-padded batches with response-only
 labels.
 
@@ -16,17 +16,24 @@ from fastppo import packing
 from fastppo.trainer import tiny
 
 
-def load_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+def read_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file (one JSON object per line) or a Parquet file (needs pyarrow), keeping
+    ``fields``; a row without one of them, or with a non-text value, is an error naming it."""
+    if str(path).endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+        raw = pq.read_table(path).to_pylist()
+    else:
+        with open(path) as f:
+            raw = [json.loads(line) for line in f if line.strip()]
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in fields if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing or non-text fields {missing}")
-            rows.append({k: row[k] for k in fields})
+    for number, row in enumerate(raw, 1):
+        missing = [k for k in fields if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}: row {number}: missing or non-text fields {missing}")
+        rows.append({k: row[k] for k in fields})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -6,7 +6,6 @@ step to ``metrics.jsonl``, held-out evaluation after every epoch, an atomic chec
 """
 
 import copy
-import json
 import math
 import random
 import warnings
@@ -23,8 +22,9 @@ from transformers import (
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, plots, runtime, tiny
+from fastppo.trainer import checkpoint, data, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
+from fastppo.trainer.metrics import MetricsWriter
 
 
 def load_tokenizer(cfg: OfflineConfig):
@@ -123,24 +123,42 @@ def evaluate(model, tokenizer, rows, loss_fn, batch_size, device) -> dict:
 
 
 def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=print) -> list[dict]:
+    """Train ``model`` on ``rows`` with ``loss_fn``; a checkpoint after every epoch, and with
+    ``cfg.resume`` a restart from the latest one continues exactly where it stopped."""
     device = runtime.resolve_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     model = model.to(device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    folder = "reward_model" if name == "rm" else "policy"
     train_rows, eval_rows = data.split(rows, cfg.eval_fraction, cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)  # fmt: skip
-    rng = random.Random(cfg.seed)
-    history, step, skipped_in_a_row = [], 0, 0
-    with open(out / "metrics.jsonl", "a") as metrics_file, tqdm(total=total_steps, desc=name) as bar:
-        for epoch in range(cfg.epochs):
-            for rows_batch in data.batches(train_rows, cfg.batch_size, rng):
+    order_rng = random.Random(cfg.seed)  # the order of the batches
+    history, step, first_epoch, skipped_in_a_row = [], 0, 0, 0
+
+    last = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and last is None:
+        log(f"resume: no checkpoint in {out}, starting from scratch")
+    if last is not None:
+        model.load_state_dict(type(model).from_pretrained(last / folder).state_dict())
+        state = checkpoint.load_trainer_state(last)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        order_rng.setstate(state["order_rng"])
+        step, first_epoch = state["step"], state["epoch"]
+        log(f"resumed from {last} after epoch {first_epoch}")
+
+    metrics = MetricsWriter(out, log=log)
+    with tqdm(total=total_steps, initial=step, desc=name) as bar:
+        for epoch in range(first_epoch, cfg.epochs):
+            for rows_batch in data.batches(train_rows, cfg.batch_size, order_rng):
                 model.train()
                 with runtime.autocast(device):
-                    loss, metrics = loss_fn(model, tokenizer, rows_batch, device)
+                    loss, batch_metrics = loss_fn(model, tokenizer, rows_batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -157,33 +175,28 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
                 skipped_in_a_row = 0
                 optimizer.step()
                 scheduler.step()
-                record = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in metrics.items()}}
+                record = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in batch_metrics.items()}}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
                 history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics.write(record, step)
             if eval_rows:
                 held_out = evaluate(model, tokenizer, eval_rows, loss_fn, cfg.batch_size, device)
                 record = {"step": step, "epoch": epoch + 1, **held_out}
-                log(
-                    f"{name} epoch {epoch + 1}: "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if "eval" in k)
-                )
+                log(f"{name} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
                 history.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-    if plots.plot_metrics(out / "metrics.jsonl", out / "metrics.png") is None:
-        log("no metrics.png: install matplotlib for the plot")
-    folder = "reward_model" if name == "rm" else "policy"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": checkpoint.rng_state(), "config": asdict(cfg)}  # fmt: skip
-    checkpoint.save_checkpoint(out, step, {folder: model}, tokenizer, state)
+                metrics.write(record, step)
+            state = dict(step=step, epoch=epoch + 1, config=asdict(cfg), order_rng=order_rng.getstate())
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            state.update(rng=checkpoint.rng_state())
+            checkpoint.save_checkpoint(out, step, {folder: model}, tokenizer, state)
+    metrics.close()
     return history
 
 
 def train_sft(cfg: SFTConfig, log=print) -> list[dict]:
     tokenizer = load_tokenizer(cfg)
     rows = (
-        data.load_jsonl(cfg.data, ("prompt", "response"))
+        data.read_rows(cfg.data, ("prompt", "response"))
         if cfg.data
         else data.synthetic_sft(cfg.n_synthetic, cfg.seed)
     )
@@ -201,7 +214,7 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
     fields = ("prompt", "chosen", "rejected")
-    rows = data.load_jsonl(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "rm", model, tokenizer, rows, reward_model_loss, log)
 
 
@@ -210,5 +223,5 @@ def train_dpo(cfg: DPOConfig, log=print) -> list[dict]:
     policy = load_causal_lm(cfg, tokenizer)
     reference = copy.deepcopy(policy).eval().requires_grad_(False).to(runtime.resolve_device(cfg.device))
     fields = ("prompt", "chosen", "rejected")
-    rows = data.load_jsonl(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "dpo", policy, tokenizer, rows, make_dpo_loss(cfg, reference), log)

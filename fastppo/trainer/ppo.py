@@ -11,7 +11,6 @@ packed response tokens.
 import contextlib
 import copy
 import importlib
-import json
 import math
 import random
 import time
@@ -31,9 +30,10 @@ from transformers import (
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import checkpoint, plots, runtime, tiny
+from fastppo.trainer import checkpoint, runtime, tiny
 from fastppo.trainer.config import PPOConfig
-from fastppo.trainer.data import apply_template
+from fastppo.trainer.data import apply_template, read_rows
+from fastppo.trainer.metrics import MetricsWriter
 
 # --------------------------------------------------------------------------------------------
 # Set-up: models, prompts, reward.
@@ -63,11 +63,7 @@ def load_models(cfg: PPOConfig):
 def load_prompts(cfg: PPOConfig) -> list[str]:
     if cfg.prompts is None:
         return tiny.synthetic_prompts(4096, cfg.seed)
-    with open(cfg.prompts) as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts: {cfg.prompts} holds no prompt")
-    return prompts
+    return [row["prompt"] for row in read_rows(cfg.prompts, ("prompt",))]
 
 
 def load_reward(cfg: PPOConfig, tokenizer):
@@ -274,7 +270,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     critic = runtime.wrap(critic, device, distributed) if critic is not None else None
 
     history = []
-    metrics_file = open(out / "metrics.jsonl", "a") if distributed.main else None
+    metrics = MetricsWriter(out, enabled=distributed.main, log=log)
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.algo,
                disable=not distributed.main)  # fmt: skip
     for iteration in bar:
@@ -318,9 +314,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         record.update(kl_coef=kl_coef, seconds=time.time() - t0)
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        metrics.write(record, step=iteration + 1)
         done = iteration + 1 == cfg.iterations
         if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
             if distributed.main:
@@ -332,10 +326,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state)
             if distributed.enabled:
                 torch.distributed.barrier()
-    if metrics_file is not None:
-        metrics_file.close()
-        if plots.plot_metrics(out / "metrics.jsonl", out / "metrics.png") is None:
-            log("no metrics.png: install matplotlib for the plot")
+    metrics.close()
     runtime.check_in_sync(policy, device, distributed)
     if critic is not None:
         runtime.check_in_sync(critic, device, distributed)
