@@ -35,8 +35,16 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(output_dir: str | Path, step: int, models: dict, tokenizer, trainer_state: dict) -> Path:
-    """Write ``models`` (name → HF model) and ``trainer_state`` as checkpoint ``step``, atomically."""
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    models: dict,
+    tokenizer,
+    trainer_state: dict,
+    state_dicts: dict | None = None,
+) -> Path:
+    """Write ``models`` (name → HF model) and ``trainer_state`` as checkpoint ``step``, atomically.
+    ``state_dicts`` (name → full state dict) replaces a model's own, e.g. for sharded models."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -44,7 +52,8 @@ def save_checkpoint(output_dir: str | Path, step: int, models: dict, tokenizer, 
     tmp.mkdir(parents=True)
     for name, model in models.items():
         if model is not None:  # each folder loads on its own: the tokenizer goes with every model
-            model.save_pretrained(tmp / name, safe_serialization=True)
+            state_dict = (state_dicts or {}).get(name)
+            model.save_pretrained(tmp / name, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp / name)
     torch.save(trainer_state, tmp / "trainer_state.pt")
     _fsync_tree(tmp)

@@ -43,6 +43,10 @@ class PPOConfig:
     device: str = _help(
         "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
     )
+    fsdp: bool = _help(
+        "Under torchrun, shard the policy and critic with FSDP2 (fully_shard per decoder layer), not DDP.",
+        default=False,
+    )
 
     # Algorithm.
     algo: str = _help(f"One of {ALGOS}: PPO with a critic, or critic-free group baselines.", default="ppo")
@@ -114,6 +118,10 @@ class PPOConfig:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("kl_coef, warmup_steps and save_every must be >= 0")
+        if self.fsdp and self.resume:
+            raise ValueError(
+                "resume with fsdp is not supported yet (checkpoints hold no sharded optimizer state)"
+            )
         if self.algo != "ppo" and self.group_size < 2:
             raise ValueError(
                 f"{self.algo} needs group_size >= 2 (responses per prompt), got {self.group_size}"

@@ -8,7 +8,6 @@ by the KL (``shape_rewards``) → ``gae`` and ``masked_whiten`` (or ``group_adva
 packed response tokens.
 """
 
-import contextlib
 import copy
 import importlib
 import math
@@ -125,10 +124,12 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
     P = prompt_ids.shape[1]
     policy.eval()
     with runtime.autocast(device):
+        # Sharded weights: every generation step is a collective, so all ranks step until all are done.
+        synced = runtime.is_sharded(policy)
         sequences = runtime.unwrap(policy).generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
         )  # fmt: skip
     responses = sequences[:, P:]
     response_mask = ends_at_eos(responses, tokenizer.eos_token_id)
@@ -205,18 +206,16 @@ def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device
 def accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals) -> None:
     """Backward of mini-batch ``mb`` over the micro-batches planned for its token budget.
 
-    Ranks may plan different numbers of micro-batches: under DDP the gradients are all-reduced
-    on the last micro-batch only (``no_sync`` before it), so no rank waits for a missing one.
+    Ranks plan their own micro-batches, then split some until all have the same count (FSDP runs
+    collectives in every forward and backward); gradients are reduced on the last one only.
     """
     n_tokens = max(int(data["response_mask"][mb].sum()), 1)
     seqlens = data["attention_mask"][mb].sum(1)
     micros = [m for m in packing.plan_microbatches(seqlens, cfg.max_tokens_per_microbatch) if m]
+    micros = runtime.same_count_on_all_ranks(micros, device, distributed)
     models = [m for m in (policy, critic) if m is not None]
     for i, micro in enumerate(micros):
-        with contextlib.ExitStack() as stack:
-            if distributed.enabled and i < len(micros) - 1:
-                for model in models:
-                    stack.enter_context(model.no_sync())
+        with runtime.gradient_sync(models, enabled=i == len(micros) - 1):
             loss, policy_loss, value_loss, stats = micro_batch_losses(
                 cfg, policy, critic, data, mb[micro], n_tokens, kl_coef, device
             )
@@ -239,16 +238,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     critic = critic.to(device) if critic is not None else None
     prompts = load_prompts(cfg)
     reward_fn = load_reward(cfg, tokenizer)
-    prompts_per_iter = max(cfg.batch_size // cfg.group_size, 1)
-    steps_per_iter = cfg.ppo_epochs * math.ceil(prompts_per_iter * cfg.group_size / cfg.minibatch_size)
-    params = [{"params": list(policy.parameters()), "lr": cfg.lr}]
-    if critic is not None:
-        params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
-    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.iterations * steps_per_iter)  # fmt: skip
     kl_coef, start, skipped_in_a_row = cfg.kl_coef, 0, 0
-
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and last is None:
         log(f"resume: no checkpoint in {out}, starting from scratch")
@@ -258,6 +248,22 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         reference.load_state_dict(load(AutoModelForCausalLM, "reference"))
         if critic is not None:
             critic.load_state_dict(load(AutoModelForTokenClassification, "critic"))
+
+    # Wrap (DDP) or shard (FSDP2) before the optimizer: sharding replaces the parameters.
+    if cfg.fsdp and not distributed.enabled:
+        raise ValueError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    parallel = runtime.shard if cfg.fsdp else runtime.wrap
+    policy = parallel(policy, device, distributed)
+    critic = parallel(critic, device, distributed) if critic is not None else None
+    prompts_per_iter = max(cfg.batch_size // cfg.group_size, 1)
+    steps_per_iter = cfg.ppo_epochs * math.ceil(prompts_per_iter * cfg.group_size / cfg.minibatch_size)
+    params = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    if critic is not None:
+        params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.iterations * steps_per_iter)  # fmt: skip
+    if last is not None:
         state = checkpoint.load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -266,8 +272,6 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         log(f"resumed from {last} at iteration {start}")
     if distributed.enabled:  # every rank samples its own prompts and responses
         runtime.seed_everything(cfg.seed + 1000 * distributed.rank + start)
-    policy = runtime.wrap(policy, device, distributed)
-    critic = runtime.wrap(critic, device, distributed) if critic is not None else None
 
     history = []
     metrics = MetricsWriter(out, enabled=distributed.main, log=log)
@@ -289,6 +293,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals)
                 all_params = [p for group in params for p in group["params"]]
                 grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
                     skipped_in_a_row += 1
                     warnings.warn(f"iteration {iteration}: non-finite gradient, step skipped", stacklevel=1)
@@ -317,19 +322,27 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         metrics.write(record, step=iteration + 1)
         done = iteration + 1 == cfg.iterations
         if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
+            # Gathering sharded weights is a collective: every rank takes part, rank 0 writes.
+            full = {"policy": runtime.full_state_dict(policy)}
+            if critic is not None:
+                full["critic"] = runtime.full_state_dict(critic)
             if distributed.main:
                 state = dict(iteration=iteration + 1, kl_coef=kl_coef, config=asdict(cfg))
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                # A sharded optimizer state lives on every rank; FSDP runs do not resume (yet).
+                state.update(
+                    optimizer=None if cfg.fsdp else optimizer.state_dict(), scheduler=scheduler.state_dict()
+                )
                 state.update(rng=checkpoint.rng_state())
                 models = {"policy": runtime.unwrap(policy), "reference": reference,
                           "critic": runtime.unwrap(critic) if critic is not None else None}  # fmt: skip
-                checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state)
+                checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state, state_dicts=full)
             if distributed.enabled:
                 torch.distributed.barrier()
     metrics.close()
-    runtime.check_in_sync(policy, device, distributed)
-    if critic is not None:
-        runtime.check_in_sync(critic, device, distributed)
-    if distributed.enabled:
-        log(f"rank {distributed.rank}: {distributed.world_size} ranks in sync")
+    if not cfg.fsdp:  # sharded weights differ across ranks by design
+        runtime.check_in_sync(policy, device, distributed)
+        if critic is not None:
+            runtime.check_in_sync(critic, device, distributed)
+        if distributed.enabled:
+            log(f"rank {distributed.rank}: {distributed.world_size} ranks in sync")
     return history

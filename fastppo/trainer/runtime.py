@@ -96,3 +96,70 @@ def check_in_sync(model: torch.nn.Module, device: torch.device, distributed: Dis
     dist.all_gather(gathered, fingerprint)
     if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
         raise RuntimeError("the ranks' models have diverged")
+
+
+def shard(model: torch.nn.Module, device: torch.device, distributed: Distributed) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every decoder layer, then the whole model, over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (distributed.world_size,))
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"fsdp: {type(model).__name__} has no base_model.layers to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(models: list[torch.nn.Module], enabled: bool):
+    """Within the block, backward passes reduce gradients across ranks only if ``enabled``
+    (DDP: ``no_sync``; FSDP2: ``set_requires_gradient_sync``)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not enabled:
+                stack.enter_context(model.no_sync())
+            elif is_sharded(model):
+                model.set_requires_gradient_sync(enabled)
+                stack.callback(model.set_requires_gradient_sync, True)
+        yield
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The unsharded state dict of an FSDP2 model on CPU (a collective: call on every rank), or
+    None for an unsharded model (``save_pretrained`` reads it directly)."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def same_count_on_all_ranks(
+    groups: list[list[int]], device: torch.device, distributed: Distributed
+) -> list[list[int]]:
+    """Split the largest groups until every rank has as many as the rank with the most.
+
+    With FSDP every micro-batch's forward and backward are collectives, so all ranks must run the
+    same number. Each rank holds as many sequences per mini-batch, so splitting always gets there.
+    """
+    if not distributed.enabled:
+        return groups
+    count = torch.tensor([len(groups)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    groups = [list(g) for g in groups]
+    while len(groups) < int(count):
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        if len(groups[largest]) < 2:
+            raise RuntimeError("cannot split micro-batches to match the other ranks")
+        half = len(groups[largest]) // 2
+        groups[largest : largest + 1] = [groups[largest][:half], groups[largest][half:]]
+    return groups
