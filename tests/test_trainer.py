@@ -348,3 +348,16 @@ def test_fsdp_misuse_fails_clearly(tmp_path):
         PPOConfig(fsdp=True, resume=True)
     with pytest.raises(ValueError, match="fsdp needs several processes"):
         train(PPOConfig(fsdp=True, iterations=1, output_dir=str(tmp_path)), log=quiet)
+
+
+def test_empty_update_batch_is_skipped(tmp_path):
+    """Dropping responses without EOS can empty the update batch: the iteration skips its update
+    with a warning and the run goes on. With this seed (2-token responses, 4 per iteration) the
+    first iteration keeps none and the second keeps one."""
+    small = dict(batch_size=4, minibatch_size=4, max_new_tokens=2, seed=5)
+    cfg = PPOConfig(iterations=2, output_dir=str(tmp_path), drop_truncated=True, **small)
+    with pytest.warns(UserWarning, match="iteration 0: no sequence left for the update"):
+        history = train(cfg, log=quiet)
+    assert [h["updated_fraction"] for h in history] == [0.0, 0.25]
+    assert history[0]["policy_loss"] == 0 and history[1]["policy_loss"] != 0
+    assert all(math.isfinite(h["reward"]) for h in history)

@@ -82,6 +82,9 @@ class PPOConfig:
     kl_horizon: int = _help("Adaptive KL controller horizon in sequences.", default=10000)
     entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
     whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
+    drop_truncated: bool = _help(
+        "Leave responses without an EOS (cut at max_new_tokens) out of the update.", default=False
+    )
     save_every: int = _help("Checkpoint every N iterations (0: only at the end).", default=0)
     max_nonfinite_steps: int = _help("Stop after this many skipped (non-finite) steps in a row.", default=3)
 

@@ -159,13 +159,19 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
             scores, group_ids, method="grpo" if cfg.algo == "grpo" else "rloo"
         )
         advantages, values, returns = per_sequence[:, None] * mask, None, None
-    if cfg.whiten_advantages:
-        advantages = fastppo.masked_whiten(advantages, response_mask) * mask
-    return dict(
+    data = dict(
         sequences=sequences, attention_mask=attention_mask, labels=labels, response_mask=response_mask,
         old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, values=values, returns=returns,
-        scores=scores, kl=kl, prompt_len=P,
+        scores=scores, kl=kl,
     )  # fmt: skip
+    # Responses cut at max_new_tokens may be left out of the update (their scores still count).
+    keep = (responses == tokenizer.eos_token_id).any(1) if cfg.drop_truncated else None
+    update = {k: v if v is None or keep is None else v[keep] for k, v in data.items()}
+    if cfg.whiten_advantages and update["response_mask"].any():
+        m = update["response_mask"]
+        update["advantages"] = fastppo.masked_whiten(update["advantages"], m) * m
+    lengths = response_mask.sum(1).float()
+    return {**update, "scores": scores, "kl": kl, "lengths": lengths, "prompt_len": P}
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,12 +288,17 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         batch_prompts = random.sample(prompts, min(prompts_per_iter, len(prompts)))
         data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef, device)
         n = data["sequences"].shape[0]
+        n_min = torch.tensor([n], device=device)
+        if distributed.enabled:  # every rank must take the same decision: the update has collectives
+            torch.distributed.all_reduce(n_min, op=torch.distributed.ReduceOp.MIN)
+        if int(n_min) == 0:
+            warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
 
         policy.train()
         if critic is not None:
             critic.train()
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "steps": 0}
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.ppo_epochs if int(n_min) > 0 else 0):
             for mb in torch.randperm(n, device=device).split(cfg.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
                 accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals)
@@ -305,12 +316,12 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 scheduler.step()
                 totals["steps"] += 1
 
-        mask = data["response_mask"].float()
         steps = max(totals.pop("steps"), 1)
         local = {
             "reward": float(data["scores"].mean()), "reward_std": float(data["scores"].std()),
             "kl": float(data["kl"].sum(1).mean()),  # per-sequence KL, summed over tokens
-            "response_length": float(mask.sum(1).mean()), **{k: v / steps for k, v in totals.items()},
+            "response_length": float(data["lengths"].mean()), "updated_fraction": n / len(data["scores"]),
+            **{k: v / steps for k, v in totals.items()},
         }  # fmt: skip
         record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, device, distributed)}
         if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), same on every rank
