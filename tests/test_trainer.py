@@ -361,3 +361,17 @@ def test_empty_update_batch_is_skipped(tmp_path):
     assert [h["updated_fraction"] for h in history] == [0.0, 0.25]
     assert history[0]["policy_loss"] == 0 and history[1]["policy_loss"] != 0
     assert all(math.isfinite(h["reward"]) for h in history)
+
+
+def test_offline_non_finite_steps_stop(tmp_path, monkeypatch):
+    real_loss = offline.sft_loss
+
+    def nan_loss(model, tokenizer, rows, device):
+        loss, metrics = real_loss(model, tokenizer, rows, device)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(offline, "sft_loss", nan_loss)
+    cfg = SFTConfig(output_dir=str(tmp_path), n_synthetic=256, max_nonfinite_steps=2)
+    with pytest.warns(UserWarning, match="sft step 1: non-finite gradient, step skipped"):
+        with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+            offline.train_sft(cfg, log=quiet)

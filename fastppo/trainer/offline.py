@@ -8,7 +8,6 @@ step to ``metrics.jsonl``, held-out evaluation after every epoch, an atomic chec
 import copy
 import math
 import random
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,7 +136,8 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)  # fmt: skip
     order_rng = random.Random(cfg.seed)  # the order of the batches
-    history, step, first_epoch, skipped_in_a_row = [], 0, 0, 0
+    history, step, first_epoch = [], 0, 0
+    nonfinite = runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and last is None:
@@ -164,15 +164,10 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 step += 1
                 bar.update(1)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    skipped_in_a_row += 1
-                    warnings.warn(
-                        f"{name} step {step}: non-finite loss or gradient, step skipped", stacklevel=1
-                    )
-                    if skipped_in_a_row >= cfg.max_nonfinite_steps:
-                        raise RuntimeError(f"{skipped_in_a_row} non-finite steps in a row: stopping")
+                if not nonfinite.ok(
+                    bool(torch.isfinite(loss) and torch.isfinite(grad_norm)), f"{name} step {step}"
+                ):
                     continue
-                skipped_in_a_row = 0
                 optimizer.step()
                 scheduler.step()
                 record = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in batch_metrics.items()}}

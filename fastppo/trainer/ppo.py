@@ -244,7 +244,8 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     critic = critic.to(device) if critic is not None else None
     prompts = load_prompts(cfg)
     reward_fn = load_reward(cfg, tokenizer)
-    kl_coef, start, skipped_in_a_row = cfg.kl_coef, 0, 0
+    kl_coef, start = cfg.kl_coef, 0
+    nonfinite = runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and last is None:
         log(f"resume: no checkpoint in {out}, starting from scratch")
@@ -305,13 +306,9 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
                 all_params = [p for group in params for p in group["params"]]
                 grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank agrees
-                    skipped_in_a_row += 1
-                    warnings.warn(f"iteration {iteration}: non-finite gradient, step skipped", stacklevel=1)
-                    if skipped_in_a_row >= cfg.max_nonfinite_steps:
-                        raise RuntimeError(f"{skipped_in_a_row} non-finite steps in a row: stopping")
+                # Gradients are all-reduced before the norm: every rank takes the same decision.
+                if not nonfinite.ok(bool(torch.isfinite(grad_norm)), f"iteration {iteration}"):
                     continue
-                skipped_in_a_row = 0
                 optimizer.step()
                 scheduler.step()
                 totals["steps"] += 1

@@ -8,6 +8,7 @@ prompts, and rank 0 alone writes logs and checkpoints.
 import contextlib
 import os
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,3 +164,21 @@ def same_count_on_all_ranks(
         half = len(groups[largest]) // 2
         groups[largest : largest + 1] = [groups[largest][:half], groups[largest][half:]]
     return groups
+
+
+class NonFiniteSteps:
+    """Counts optimizer steps skipped for a non-finite loss or gradient; ``limit`` in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def ok(self, finite: bool, where: str) -> bool:
+        """True when the step may be taken; False (with a warning) when it is skipped."""
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        warnings.warn(f"{where}: non-finite gradient, step skipped", stacklevel=2)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} non-finite steps in a row: stopping")
+        return False
