@@ -375,3 +375,19 @@ def test_offline_non_finite_steps_stop(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"sft step \d: non-finite gradient, step skipped"):
         with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
             offline.train_sft(cfg, log=quiet)
+
+
+def test_two_processes_with_uneven_updates(tmp_path):
+    """--drop_truncated under DDP: the ranks keep different numbers of sequences, and must still
+    take the same number of optimizer steps (or the all-reduce would wait forever)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "4", "--batch_size", "16"]
+    opts = ["--minibatch_size", "2", "--max_new_tokens", "3", "--drop_truncated", "true", "--output_dir", "o"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*launch, *run, *opts], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1: 2 ranks in sync" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and any(0 < r["updated_fraction"] < 1 for r in records)

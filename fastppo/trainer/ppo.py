@@ -289,18 +289,21 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         batch_prompts = random.sample(prompts, min(prompts_per_iter, len(prompts)))
         data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef, device)
         n = data["sequences"].shape[0]
-        n_min = torch.tensor([n], device=device)
-        if distributed.enabled:  # every rank must take the same decision: the update has collectives
-            torch.distributed.all_reduce(n_min, op=torch.distributed.ReduceOp.MIN)
-        if int(n_min) == 0:
+        # Every rank takes as many optimizer steps (they are collectives under DDP and FSDP): with
+        # --drop_truncated the ranks keep different counts, so all update on the smallest count.
+        n_used = torch.tensor([n], device=device)
+        if distributed.enabled:
+            torch.distributed.all_reduce(n_used, op=torch.distributed.ReduceOp.MIN)
+        n_used = int(n_used)
+        if n_used == 0:
             warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
 
         policy.train()
         if critic is not None:
             critic.train()
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "steps": 0}
-        for _ in range(cfg.ppo_epochs if int(n_min) > 0 else 0):
-            for mb in torch.randperm(n, device=device).split(cfg.minibatch_size):
+        for _ in range(cfg.ppo_epochs if n_used > 0 else 0):
+            for mb in torch.randperm(n, device=device)[:n_used].split(cfg.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
                 accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals)
                 all_params = [p for group in params for p in group["params"]]
@@ -317,8 +320,8 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         local = {
             "reward": float(data["scores"].mean()), "reward_std": float(data["scores"].std()),
             "kl": float(data["kl"].sum(1).mean()),  # per-sequence KL, summed over tokens
-            "response_length": float(data["lengths"].mean()), "updated_fraction": n / len(data["scores"]),
-            **{k: v / steps for k, v in totals.items()},
+            "response_length": float(data["lengths"].mean()),
+            "updated_fraction": n_used / len(data["scores"]), **{k: v / steps for k, v in totals.items()},
         }  # fmt: skip
         record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, device, distributed)}
         if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), same on every rank
