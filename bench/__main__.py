@@ -107,11 +107,6 @@ def _shape_key(shape: dict) -> tuple:
     return tuple((k, v) for k, v in shape.items() if k != "inplace")
 
 
-def render(json_path: Path) -> None:
-    """Rewrite the markdown table beside a results file (after a change of the table's format)."""
-    json_path.with_suffix(".md").write_text(markdown_table(json.loads(json_path.read_text())))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")

@@ -9,7 +9,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,6 @@ class Benchmark:
     shape: dict[str, int]
     bytes_floor: int  # the least traffic the op needs: each input read once, each output written once
     setup: Callable[[], Callable[[], object]]
-    notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.provider not in PROVIDERS:
