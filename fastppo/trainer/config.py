@@ -47,6 +47,18 @@ class PPOConfig:
         "Under torchrun, shard the policy and critic with FSDP2 (fully_shard per decoder layer), not DDP.",
         default=False,
     )
+    attention: str = _help(
+        "transformers attn_implementation of the policy and critic: 'auto' (flash_attention_2 on a GPU "
+        "when flash-attn is installed, sdpa otherwise), 'sdpa', 'eager', 'flash_attention_2', ...",
+        default="auto",
+    )
+    padding_free: bool | None = _help(
+        "Run the models on packed sequences (one row, position ids restarting per sequence) instead of "
+        "padded batches. Default: on with flash_attention_2, whose varlen kernels skip padding; with sdpa "
+        "or eager a packed row needs a block-diagonal mask over all its tokens, "
+        "which costs more than padding.",
+        default=None,
+    )
 
     # Algorithm.
     algo: str = _help(f"One of {ALGOS}: PPO with a critic, or critic-free group baselines.", default="ppo")
@@ -121,10 +133,6 @@ class PPOConfig:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("kl_coef, warmup_steps and save_every must be >= 0")
-        if self.fsdp and self.resume:
-            raise ValueError(
-                "resume with fsdp is not supported yet (checkpoints hold no sharded optimizer state)"
-            )
         if self.algo != "ppo" and self.group_size < 2:
             raise ValueError(
                 f"{self.algo} needs group_size >= 2 (responses per prompt), got {self.group_size}"
@@ -154,6 +162,11 @@ class OfflineConfig:
     seed: int = _help("Seed of every random generator.", default=0)
     device: str = _help(
         "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
+    )
+    attention: str = _help(
+        "transformers attn_implementation: 'auto' (flash_attention_2 on a GPU when flash-attn is "
+        "installed, sdpa otherwise), 'sdpa', 'eager', ...",
+        default="auto",
     )
     epochs: int = _help("Passes over the training rows.", default=3)
     n_synthetic: int = _help("Rows of the synthetic default data.", default=2048)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastppo
 from fastppo.trainer import runtime, tiny
-from fastppo.trainer.ppo import encode_prompts, ends_at_eos, forward, load_reward
+from fastppo.trainer.ppo import encode_prompts, ends_at_eos, load_reward, predicting_outputs
 
 
 def _help(text: str, **kwargs):
@@ -103,10 +103,12 @@ def evaluate(cfg: EvalConfig) -> dict:
             attention = torch.cat([prompt_mask.bool(), mask], 1)
             labels = torch.where(mask, out, -100)
             logp, ref_logp = (
-                fastppo.token_logprobs(forward(m, device, sequences, attention).logits[:, P - 1 : -1], labels,
-                                       temperature=tau)
+                fastppo.token_logprobs(
+                    *predicting_outputs(m, device, sequences, attention, labels, P, padding_free=False),
+                    temperature=tau,
+                )
                 for m in (policy, reference)
-            )  # fmt: skip
+            )
             kls += fastppo.kl_penalty(logp, ref_logp, "k1").sum(1).tolist()
     result = {
         "prompts": len(prompts),

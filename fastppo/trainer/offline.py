@@ -33,12 +33,14 @@ def load_tokenizer(cfg: OfflineConfig):
     return tokenizer
 
 
+def attention(cfg: OfflineConfig) -> str:
+    return runtime.attention_implementation(cfg.attention, runtime.resolve_device(cfg.device))
+
+
 def load_causal_lm(cfg: OfflineConfig, tokenizer):
-    return (
-        tiny.build_policy(tokenizer, cfg.seed)
-        if cfg.model is None
-        else AutoModelForCausalLM.from_pretrained(cfg.model)
-    )
+    if cfg.model is None:
+        return tiny.build_policy(tokenizer, cfg.seed, attention(cfg))
+    return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attention(cfg))
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
@@ -204,9 +206,11 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
         config = tiny.model_config(tokenizer)
         config.num_labels = 1
         torch.manual_seed(cfg.seed)
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention(cfg))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model, num_labels=1, attn_implementation=attention(cfg)
+        )
     model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
     fields = ("prompt", "chosen", "rejected")
     rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)

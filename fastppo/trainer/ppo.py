@@ -14,7 +14,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -38,25 +38,39 @@ from fastppo.trainer.metrics import MetricsWriter
 # Set-up: models, prompts, reward.
 
 
-def load_models(cfg: PPOConfig):
+def load_models(cfg: PPOConfig, attention: str):
+    """Tokenizer, policy, reference (a frozen copy of the policy) and critic (None without one);
+    ``attention`` is the transformers ``attn_implementation`` of all three."""
     if cfg.policy is None:
         tokenizer = tiny.build_tokenizer()
-        policy = tiny.build_policy(tokenizer, cfg.seed)
+        policy = tiny.build_policy(tokenizer, cfg.seed, attention)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.policy)
+        policy = AutoModelForCausalLM.from_pretrained(cfg.policy, attn_implementation=attention)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = None
     if cfg.algo == "ppo":
-        if cfg.critic is not None:
-            critic = AutoModelForTokenClassification.from_pretrained(cfg.critic, num_labels=1)
-        elif cfg.policy is None:
-            critic = tiny.build_critic(tokenizer, cfg.seed)
+        if cfg.critic is None and cfg.policy is None:
+            critic = tiny.build_critic(tokenizer, cfg.seed, attention)
         else:
-            critic = AutoModelForTokenClassification.from_pretrained(cfg.policy, num_labels=1)
+            critic = AutoModelForTokenClassification.from_pretrained(
+                cfg.critic or cfg.policy, num_labels=1, attn_implementation=attention
+            )
+        disable_dropout(critic)
     return tokenizer, policy, reference, critic
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO compares log-probs from two forward passes of the same weights: with dropout their
+    ratio would not be 1 before any update, and the values would be noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def load_prompts(cfg: PPOConfig) -> list[str]:
@@ -109,20 +123,52 @@ def ends_at_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (eos.cumsum(1) - eos) == 0
 
 
-def forward(model, device, sequences, attention_mask):
+def predicting_outputs(model, device, sequences, attention_mask, labels, prompt_len, padding_free):
+    """Run ``model`` on whole sequences; return its output at the positions that predict a
+    response token, and the labels aligned with them.
+
+    Padded: ``(B, R, ...)`` and ``(B, R)``, a view of ``logits[:, P-1:-1]``. Padding-free: the
+    attended tokens of all rows packed into one row, position ids restarting at each sequence
+    (flash-attn's varlen kernels; transformers gives sdpa and eager a block-diagonal mask), so
+    ``(N, ...)`` and ``(N,)`` with label -100 where a position predicts no response token.
+    Either way ``out[labels != -100]`` lists the response tokens row by row.
+    """
+    P = prompt_len
+    if not padding_free:
+        with runtime.autocast(device):
+            logits = model(
+                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False,
+            ).logits  # fmt: skip
+        return logits[:, P - 1 : -1], labels
+    layout = packing.unpad(attention_mask)
+    all_labels = torch.full_like(sequences, -100)
+    all_labels[:, P - 1 : -1] = labels  # the last prompt token and the response tokens are attended
     with runtime.autocast(device):
-        return model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        )
+        # No attention mask and no cache: transformers then finds the sequences from position_ids.
+        logits = model(
+            input_ids=packing.pack(sequences, layout)[None], position_ids=layout.position_ids[None],
+            use_cache=False,
+        ).logits  # fmt: skip
+    return logits[0], packing.pack(all_labels, layout)
+
+
+def to_padded(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Response-token values listed row by row, back to ``(B, R)`` with zeros after each response."""
+    out = torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device)
+    return out.masked_scatter(response_mask, flat)
 
 
 @torch.no_grad()
 def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef, device):
     """Generate, score and compute everything the update needs, for one batch of prompts."""
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
+    padding_free = cfg.padding_free
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     P = prompt_ids.shape[1]
     policy.eval()
+    if critic is not None:
+        critic.eval()
     with runtime.autocast(device):
         # Sharded weights: every generation step is a collective, so all ranks step until all are done.
         synced = runtime.is_sharded(policy)
@@ -141,16 +187,22 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
 
     labels = torch.where(response_mask, responses, -100)
 
+    def response_outputs(model):  # (B, R, ...) at the positions predicting response tokens, 0 after
+        out, out_labels = predicting_outputs(
+            model, device, sequences, attention_mask, labels, P, padding_free
+        )
+        return out, out_labels, lambda x: to_padded(x[out_labels != -100], response_mask)
+
     def response_logprobs(model):
-        logits = forward(model, device, sequences, attention_mask).logits
-        return fastppo.token_logprobs(logits[:, P - 1 : -1], labels, temperature=cfg.temperature)
+        logits, out_labels, padded = response_outputs(model)
+        return padded(fastppo.token_logprobs(logits, out_labels, temperature=cfg.temperature))
 
     old_logp, ref_logp = response_logprobs(policy), response_logprobs(reference)
     mask = response_mask.float()
     kl = fastppo.kl_penalty(old_logp, ref_logp, "k1") * mask
     if critic is not None:
-        values = forward(critic, device, sequences, attention_mask).logits[..., 0]
-        values = values[:, P - 1 : -1].float() * mask
+        logits, _, padded = response_outputs(critic)
+        values = padded(logits[..., 0].float())
         rewards = fastppo.shape_rewards(scores, response_mask, kl=kl, kl_coef=kl_coef)
         advantages, returns = fastppo.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
     else:
@@ -181,28 +233,33 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
 def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device):
     """Losses of the micro-batch ``idx``, scaled so that the micro-batches of a mini-batch add up to
     its token mean. Losses are computed on packed response tokens."""
-    P = data["prompt_len"]
     take = lambda key: data[key][idx]  # noqa: E731
-    logits = forward(policy, device, take("sequences"), take("attention_mask")).logits
-    logp, entropy = fastppo.token_logprobs(
-        logits[:, P - 1 : -1], take("labels"), temperature=cfg.temperature, return_entropy=True
-    )
-    layout = packing.unpad(take("response_mask"))
-    flat = lambda x: packing.pack(x, layout)  # noqa: E731
-    ones = torch.ones(layout.indices.numel(), device=device)
+    response_mask = take("response_mask")
+    flat = lambda x: x[response_mask]  # noqa: E731 (response tokens, row by row)
+
+    def response_outputs(model):  # (N,  ...) at the N response tokens, and the labels' alignment
+        out, labels = predicting_outputs(
+            model, device, take("sequences"), take("attention_mask"), take("labels"), data["prompt_len"],
+            cfg.padding_free,
+        )  # fmt: skip
+        return out, labels, labels != -100
+
+    logits, labels, keep = response_outputs(policy)
+    logp, entropy = fastppo.token_logprobs(logits, labels, temperature=cfg.temperature, return_entropy=True)
+    ones = torch.ones(int(response_mask.sum()), device=device)
     in_loss_kl = cfg.algo != "ppo" and kl_coef > 0  # critic-free methods put the KL in the loss
     policy_loss, stats = fastppo.ppo_policy_loss(
-        flat(logp), flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
+        logp[keep], flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
         ref_logp=flat(take("ref_logp")) if in_loss_kl else None, kl_coef=kl_coef if in_loss_kl else 0.0,
-        entropy=flat(entropy), entropy_coef=cfg.entropy_coef,
+        entropy=entropy[keep], entropy_coef=cfg.entropy_coef,
     )  # fmt: skip
     loss = policy_loss / n_tokens
     value_loss = torch.zeros((), device=device)
     if critic is not None:
-        values = forward(critic, device, take("sequences"), take("attention_mask")).logits[..., 0]
+        values, _, keep = response_outputs(critic)
         value_loss, _ = fastppo.value_loss(
-            flat(values[:, P - 1 : -1].float()), flat(take("values")), flat(take("returns")), ones,
+            values[..., 0][keep].float(), flat(take("values")), flat(take("returns")), ones,
             clip=cfg.value_clip, agg="token-sum",
         )  # fmt: skip
         loss = loss + cfg.value_coef * value_loss / n_tokens
@@ -239,7 +296,10 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     runtime.seed_everything(cfg.seed)  # the same initial models on every rank
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, policy, reference, critic = load_models(cfg)
+    attention = runtime.attention_implementation(cfg.attention, device)
+    if cfg.padding_free is None:  # padding-free pays off with varlen kernels only
+        cfg = replace(cfg, padding_free=attention.startswith("flash"))
+    tokenizer, policy, reference, critic = load_models(cfg, attention)
     policy, reference = policy.to(device), reference.to(device)
     critic = critic.to(device) if critic is not None else None
     prompts = load_prompts(cfg)
@@ -268,11 +328,12 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     if critic is not None:
         params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
+    trained = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.iterations * steps_per_iter)  # fmt: skip
     if last is not None:
         state = checkpoint.load_trainer_state(last)
-        optimizer.load_state_dict(state["optimizer"])
+        runtime.load_optimizer_state(trained, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         kl_coef, start = state["kl_coef"], state["iteration"]
@@ -333,16 +394,13 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
         metrics.write(record, step=iteration + 1)
         done = iteration + 1 == cfg.iterations
         if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-            # Gathering sharded weights is a collective: every rank takes part, rank 0 writes.
-            full = {"policy": runtime.full_state_dict(policy)}
-            if critic is not None:
-                full["critic"] = runtime.full_state_dict(critic)
+            # Gathering sharded weights and optimizer states is a collective: every rank takes
+            # part, rank 0 writes.
+            full = {name: runtime.full_state_dict(model) for name, model in trained.items()}
+            optimizer_state = runtime.optimizer_state(trained, optimizer)
             if distributed.main:
                 state = dict(iteration=iteration + 1, kl_coef=kl_coef, config=asdict(cfg))
-                # A sharded optimizer state lives on every rank; FSDP runs do not resume (yet).
-                state.update(
-                    optimizer=None if cfg.fsdp else optimizer.state_dict(), scheduler=scheduler.state_dict()
-                )
+                state.update(optimizer=optimizer_state, scheduler=scheduler.state_dict())
                 state.update(rng=checkpoint.rng_state())
                 models = {"policy": runtime.unwrap(policy), "reference": reference,
                           "critic": runtime.unwrap(critic) if critic is not None else None}  # fmt: skip
@@ -356,4 +414,5 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
             runtime.check_in_sync(critic, device, distributed)
         if distributed.enabled:
             log(f"rank {distributed.rank}: {distributed.world_size} ranks in sync")
+    runtime.finish_distributed(distributed)
     return history

@@ -6,6 +6,7 @@ prompts, and rank 0 alone writes logs and checkpoints.
 """
 
 import contextlib
+import importlib.util
 import os
 import random
 import warnings
@@ -35,6 +36,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """transformers' ``attn_implementation`` for ``requested``: 'auto' is flash-attn's
+    ``flash_attention_2`` on a GPU where flash-attn is installed, else ``sdpa``."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (libraries draw from the global generator)
@@ -45,6 +56,7 @@ def seed_everything(seed: int) -> None:
 class Distributed:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this run created the process group, so it tears it down
 
     @property
     def enabled(self) -> bool:
@@ -64,7 +76,17 @@ def init_distributed(device: torch.device) -> Distributed:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), owns_group=True)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def finish_distributed(distributed: Distributed) -> None:
+    """Destroy the process group this run created, once every rank is done with it: a group still
+    alive at interpreter exit can abort the process ("terminate called without an active
+    exception") while its peer is mid-shutdown."""
+    if distributed.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, device: torch.device, distributed: Distributed) -> torch.nn.Module:
@@ -142,6 +164,33 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict | None:
+    """What a checkpoint keeps of the optimizer: its own state dict, or for FSDP2 models the
+    unsharded state keyed by parameter name (a collective: call on every rank; rank 0 gets it)."""
+    if not any(is_sharded(m) for m in models.values()):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # One container so that the policy's and the critic's parameter names stay apart.
+    container = torch.nn.ModuleDict(models)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(container, optimizer, options=options)
+
+
+def load_optimizer_state(
+    models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Inverse of ``optimizer_state``: every rank reads the full state and keeps its shards."""
+    if not any(is_sharded(m) for m in models.values()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    container = torch.nn.ModuleDict(models)
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(container, optimizer, optim_state_dict=state, options=options)
 
 
 def same_count_on_all_ranks(

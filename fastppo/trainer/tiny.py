@@ -56,17 +56,17 @@ def model_config(
     )
 
 
-def build_policy(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+def build_policy(tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(model_config(tokenizer))
+    return AutoModelForCausalLM.from_config(model_config(tokenizer), attn_implementation=attention)
 
 
-def build_critic(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+def build_critic(tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa") -> torch.nn.Module:
     """A value head on a causal-LM backbone: one output per token."""
     torch.manual_seed(seed + 1)
     config = model_config(tokenizer)
     config.num_labels = 1
-    return AutoModelForTokenClassification.from_config(config)
+    return AutoModelForTokenClassification.from_config(config, attn_implementation=attention)
 
 
 def synthetic_prompts(n: int, seed: int) -> list[str]:
