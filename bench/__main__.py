@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")
     parser.add_argument(
         "--providers",
-        default="torch,compile,trl,verl,liger,python_loop,fastppo",
+        default="torch,compile,trl,verl,openrlhf,liger,python_loop,fastppo",
         help="comma-separated providers (those not installed are left out)",
     )
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")

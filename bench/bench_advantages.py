@@ -2,7 +2,8 @@
 
 Providers: ``python_loop`` (the reverse loop over time that trainers run today, written here as
 verl's ``compute_gae_advantage_return`` does it, without its whitening; for group advantages the
-per-sample loop over a dict of groups), ``verl`` (verl's own function, when verl is installed),
+per-sample loop over a dict of groups), ``verl`` (verl's own ``compute_gae_advantage_return`` and
+``compute_grpo_outcome_advantage``, when verl is installed),
 ``torch`` (``fastppo.reference``), ``compile`` (torch.compile of the whitening reference; not of
 the GAE loop, whose unrolled graph over T steps is impractical) and ``fastppo``.
 
@@ -60,7 +61,7 @@ def _gae_impl(provider):
     if provider == "verl":
         from verl.trainer.ppo.core_algos import compute_gae_advantage_return
 
-        return lambda r, v, m: compute_gae_advantage_return(r, v, m, GAMMA, LAM)
+        return lambda r, v, m: compute_gae_advantage_return(r, v, m.float(), GAMMA, LAM)  # a float mask
     if provider == "torch":
         return lambda r, v, m: fastppo.reference.gae(r, v, m, gamma=GAMMA, lam=LAM)
     return lambda r, v, m: fastppo.gae(r, v, m, gamma=GAMMA, lam=LAM)
@@ -77,6 +78,14 @@ def _whiten_impl(provider):
 def _group_impl(provider):
     if provider == "python_loop":
         return python_loop_group
+    if provider == "verl":  # outcome rewards as (n, 1) token rewards, group ids as a numpy index
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        def verl_grpo(s, g):
+            rewards = s[:, None]
+            return compute_grpo_outcome_advantage(rewards, torch.ones_like(rewards), g.cpu().numpy())[0][:, 0]
+
+        return verl_grpo
     if provider == "torch":
         return lambda s, g: fastppo.reference.group_advantages(s, g, method="grpo")
     return lambda s, g: fastppo.group_advantages(s, g, method="grpo")
@@ -128,6 +137,6 @@ def benchmarks(*, device, quick, providers, modes, dtype=None, ops=OPS, log=prin
                 )
     if "group_advantages" in ops:
         n, group = (64, 8) if quick else (8192, 8)
-        for p in (p for p in ("python_loop", "torch", "fastppo") if p in providers):
+        for p in (p for p in ("python_loop", "verl", "torch", "fastppo") if p in providers):
             setup = _setup("group_advantages", p, (n, group), device)
             yield Benchmark("group_advantages", p, "fwd", "float32", {"B": n, "group": group}, 16 * n, setup)

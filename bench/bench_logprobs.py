@@ -1,16 +1,19 @@
 """token_logprobs: per-token log-probs + entropy from bf16 logits.
 
 Providers: ``torch`` (eager log_softmax + gather + entropy, i.e. ``fastppo.reference``),
-``compile`` (torch.compile of the same), ``trl`` (``selective_log_softmax`` and
-``entropy_from_logits`` from ``trl.trainer.utils``, when trl is installed) and ``fastppo``
-(out of place, and with ``inplace_backward`` as shape key ``inplace=1``).
+``compile`` (torch.compile of the same), the peers' own functions when they are installed:
+``trl`` (``selective_log_softmax`` and ``entropy_from_logits`` from ``trl.trainer.utils``),
+``verl`` (``logprobs_from_logits``, flash-attn's cross-entropy where installed, and
+``entropy_from_logits`` from ``verl.utils.torch_functional``), ``openrlhf``
+(``log_probs_from_logits`` and ``compute_entropy`` from ``openrlhf.models.utils``), and
+``fastppo`` (out of place, and with ``inplace_backward`` as shape key ``inplace=1``).
+Each peer provider divides the logits by the temperature itself, as its trainer does.
 
 Bytes floor: forward reads the logits once (N·V·s); forward+backward reads them twice and
 writes their gradient once (3·N·V·s); labels and per-row outputs are O(N).
 """
 
 import functools
-import importlib.util
 
 import torch
 
@@ -22,6 +25,7 @@ OPS = (OP,)
 FULL_SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 151936)]
 QUICK_SHAPES = [(16, 1000), (64, 4096)]
 TEMPERATURE = 0.9
+PEERS = ("trl", "verl", "openrlhf")
 
 
 def _reference(logits, labels):
@@ -43,6 +47,26 @@ def _trl():
     return trl_logprobs
 
 
+def _verl():
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    def verl_logprobs(logits, labels):
+        scaled = logits / TEMPERATURE
+        return logprobs_from_logits(scaled, labels), entropy_from_logits(scaled)
+
+    return verl_logprobs
+
+
+def _openrlhf():
+    from openrlhf.models.utils import compute_entropy, log_probs_from_logits
+
+    def openrlhf_logprobs(logits, labels):
+        scaled = logits / TEMPERATURE  # its own division is in place, which autograd refuses on a leaf
+        return log_probs_from_logits(scaled, labels), compute_entropy(scaled)
+
+    return openrlhf_logprobs
+
+
 def _fastppo(inplace: bool):
     return lambda logits, labels: fastppo.token_logprobs(
         logits, labels, temperature=TEMPERATURE, return_entropy=True, inplace_backward=inplace
@@ -54,12 +78,17 @@ def _providers(names, log):
         "torch": lambda: _reference,
         "compile": _compiled,
         "trl": _trl,
+        "verl": _verl,
+        "openrlhf": _openrlhf,
         "fastppo": lambda: _fastppo(False),
     }
     for name in names:
-        if name == "trl" and importlib.util.find_spec("trl") is None:
-            log("token_logprobs: trl is not installed, provider 'trl' left out")
-            continue
+        if name in PEERS:
+            try:
+                table[name]()
+            except ImportError as exc:  # not installed, or its imports fail here (e.g. no deepspeed)
+                log(f"token_logprobs: provider {name!r} left out: {exc}")
+                continue
         if name in table:
             yield name, table[name]
 

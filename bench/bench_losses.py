@@ -1,8 +1,10 @@
 """kl_penalty, ppo_policy_loss and value_loss on fp32 (B, T) token tensors with a bool mask.
 
 Providers: ``torch`` (the eager reference in ``fastppo.reference``), ``compile`` (torch.compile of
-it) and ``fastppo``. The policy loss runs with everything on: asymmetric and dual clip, a k3 KL
-term against ``ref_logp`` and an entropy bonus, token-mean aggregation.
+it), ``verl`` (its own ``kl_penalty``, ``compute_policy_loss_vanilla`` + ``agg_loss`` terms and
+``compute_value_loss``, when verl is installed) and ``fastppo``. The policy loss runs with
+everything on: asymmetric and dual clip, a k3 KL term against ``ref_logp`` and an entropy bonus,
+token-mean aggregation.
 
 Bytes floor: every input read once and every output written once; forward+backward adds the
 upstream gradient's read and each input gradient's write. Per token, fp32:
@@ -12,6 +14,7 @@ upstream gradient's read and each input gradient's write. Per token, fp32:
 """
 
 import functools
+import importlib.util
 
 import torch
 
@@ -72,7 +75,44 @@ def _compiled(op):
     return torch.compile(_IMPLS[op](fastppo.reference), dynamic=False)
 
 
+class _VerlActorConfig(dict):
+    """The fields of verl's ActorConfig that its vanilla policy loss reads (attribute and ``get``)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def _verl(op):
+    """verl's functions, composed as its actor composes them for the policy loss: the vanilla
+    clipped loss (dual clip on), a low_var_kl (k3) term and an entropy bonus, token-mean each."""
+    from verl.trainer.ppo import core_algos
+
+    if op == "kl_penalty":
+        return lambda b: core_algos.kl_penalty(b["logp"], b["ref_logp"], "low_var_kl")
+    if op == "value_loss":
+        return lambda b: core_algos.compute_value_loss(
+            b["values"], b["returns"], b["old_values"], b["mask"], 0.2
+        )[0]
+    o = POLICY_OPTIONS
+    config = _VerlActorConfig(
+        clip_ratio=o["clip_low"], clip_ratio_low=o["clip_low"], clip_ratio_high=o["clip_high"],
+        clip_ratio_c=o["dual_clip"], global_batch_info={},
+    )  # fmt: skip
+
+    def run(b):
+        mask = b["mask"].float()
+        loss, _ = core_algos.compute_policy_loss_vanilla(
+            b["old_logp"], b["logp"], b["advantages"], mask, "token-mean", config
+        )
+        kl = core_algos.kl_penalty(b["logp"], b["ref_logp"], "low_var_kl")
+        loss = loss + o["kl_coef"] * core_algos.agg_loss(kl, mask, "token-mean")
+        return loss - o["entropy_coef"] * core_algos.agg_loss(b["entropy"], mask, "token-mean")
+
+    return run
+
+
 def _impl(op, provider):
+    if provider == "verl":
+        return _verl(op)
     if provider == "torch":
         return _IMPLS[op](fastppo.reference)
     if provider == "compile":
@@ -120,10 +160,13 @@ def _setup(op, provider, B, T, device, mode):
 
 def benchmarks(*, device, quick, providers, modes, dtype=None, ops=OPS, log=print):
     del dtype  # these ops take fp32 log-probs and values whatever the model's dtype
+    if "verl" in providers and importlib.util.find_spec("verl") is None:
+        log("losses: verl is not installed, provider 'verl' left out")
+        providers = [p for p in providers if p != "verl"]
     for B, T in QUICK_SHAPES if quick else FULL_SHAPES:
         for op in ops:
             for mode in modes:
-                for provider in (p for p in providers if p in ("torch", "compile", "fastppo")):
+                for provider in (p for p in providers if p in ("torch", "compile", "verl", "fastppo")):
                     yield Benchmark(
                         op=op,
                         provider=provider,

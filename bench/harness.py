@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROVIDERS = ("torch", "compile", "fastppo", "trl", "verl", "liger", "python_loop")
+PROVIDERS = ("torch", "compile", "fastppo", "trl", "verl", "openrlhf", "liger", "python_loop")
 MODES = ("fwd", "fwd_bwd")
 
 

@@ -93,7 +93,7 @@ def test_unknown_op_is_refused(tmp_path):
 
 
 def test_quick_run_writes_schema(tmp_path):
-    proc, result = run_bench(tmp_path, "--ops", "token_logprobs", "--providers", "torch,fastppo,trl")
+    proc, result = run_bench(tmp_path, "--ops", "token_logprobs", "--providers", "torch,fastppo,trl,verl")
     (json_path,) = tmp_path.glob("*.json")
     assert json_path.with_suffix(".md").exists()
     assert json_path.name.startswith(result["device"] + "-" + result["date"])
@@ -108,8 +108,10 @@ def test_quick_run_writes_schema(tmp_path):
     ]:
         assert isinstance(result[key], typ), key
     assert result["copy_gbps"] > 0
-    # 2 shapes × (fwd: torch, fastppo; fwd_bwd: torch, fastppo, fastppo in place)
-    assert len(result["records"]) == 10
+    # A peer is measured when it imports, and said to be left out when it does not.
+    peers = [p for p in ("trl", "verl") if f"provider {p!r} left out" not in proc.stdout]
+    # 2 shapes × (fwd: torch, fastppo, peers; fwd_bwd: the same and fastppo in place)
+    assert len(result["records"]) == 2 * (2 + len(peers) + 3 + len(peers))
     for r in result["records"]:
         assert (
             r["op"] == "token_logprobs" and r["provider"] in harness.PROVIDERS and r["mode"] in harness.MODES
@@ -117,9 +119,7 @@ def test_quick_run_writes_schema(tmp_path):
         assert r["dtype"] == "bfloat16" and set(r["shape"]) >= {"N", "V"}
         assert 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert r["gbps"] > 0 and r["peak_bytes"] is None  # no peak memory on CPU
-    assert {r["provider"] for r in result["records"]} == {"torch", "fastppo"}
-    if "trl" not in proc.stdout:  # trl installed: it must have produced records
-        assert any(r["provider"] == "trl" for r in result["records"])
+    assert {r["provider"] for r in result["records"]} == {"torch", "fastppo", *peers}
 
 
 def test_failures_are_reported_not_dropped():
