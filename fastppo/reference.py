@@ -83,7 +83,7 @@ def kl_penalty(
 ) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference, elementwise.
 
-    With d = logp − ref_logp: k1 = d; abs = |d|; k2 = d²/2; k3 = exp(−d) + d − 1 with −d clamped
+    With d = logp − ref_logp: k1 = d; abs = |d|; k2 = d²/2; k3 = (exp(−d) − 1) + d with −d clamped
     to [−20, 20] before the exp. "k1+"/"k3+" have the value of k1/k3 and the gradient of k2.
     ``clamp`` c bounds the value to [−c, c] (verl uses 10 for k3).
 
@@ -96,7 +96,7 @@ def kl_penalty(
     elif estimator == "k2":
         kl = 0.5 * d.square()
     elif estimator in ("k3", "k3+"):
-        kl = torch.exp(torch.clamp(-d, -20.0, 20.0)) + d - 1.0
+        kl = (torch.exp(torch.clamp(-d, -20.0, 20.0)) - 1.0) + d  # e − 1 first: exact near e = 1
     elif estimator == "abs":
         kl = d.abs()
     else:

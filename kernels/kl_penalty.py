@@ -1,6 +1,6 @@
 """Per-token KL estimators between the policy and a reference: Triton kernels and launchers.
 
-With d = logp − ref_logp: k1 = d, abs = |d|, k2 = d²/2, k3 = exp(−d) + d − 1 with −d clamped
+With d = logp − ref_logp: k1 = d, abs = |d|, k2 = d²/2, k3 = (exp(−d) − 1) + d with −d clamped
 to [−20, 20] before the exp. "k1+" and "k3+" take the value of k1/k3 and the gradient of k2
 (verl's straight-through estimators). An optional ``clamp`` c bounds the value to [−c, c]
 (gradient 0 outside, except for the straight-through ones).
@@ -27,7 +27,7 @@ def kl_estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
         grad = d
     elif ESTIMATOR == 2 or ESTIMATOR == 5:  # k3, k3+
         e = tl.exp(tl.minimum(tl.maximum(-d, -20.0), 20.0))
-        value = e + d - 1.0
+        value = (e - 1.0) + d  # e − 1 is exact near e = 1; e + d first would round away k3 ≈ d²/2
         grad = tl.where(tl.abs(d) <= 20.0, 1.0 - e, 1.0)
     else:  # abs
         value = tl.abs(d)

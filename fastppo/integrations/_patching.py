@@ -20,6 +20,7 @@ class Patcher:
         self.package = package  # only modules of this package are rebound
         self.targets = targets  # imports the peer lazily: a list of (module, attribute, replacement)
         self._swaps: list[tuple[object, str, object]] = []
+        self._replaced: dict[int, tuple[object, object]] = {}  # id(replacement) -> (it, the original)
 
     @property
     def active(self) -> bool:
@@ -35,6 +36,7 @@ class Patcher:
                 original = getattr(owner, name)
                 self._swap(owner, name, replacement)
                 if not isinstance(owner, type):  # a module-level function: rebind its imports too
+                    self._replaced[id(replacement)] = (replacement, original)
                     for module in self._peer_modules():
                         for key, value in list(vars(module).items()):
                             if value is original:
@@ -51,6 +53,14 @@ class Patcher:
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
+        # A peer module first imported while patched bound a replacement through `from x import f`,
+        # and no swap recorded it: point it back at the peer's function too.
+        for module in self._peer_modules():
+            for key, value in list(vars(module).items()):
+                replaced = self._replaced.get(id(value))
+                if replaced is not None and replaced[0] is value:
+                    setattr(module, key, replaced[1])
+        self._replaced = {}
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:

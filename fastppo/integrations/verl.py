@@ -1,0 +1,601 @@
+"""Drop-in fastppo backend for verl 0.9.1 (``verl.trainer.ppo.core_algos``, ``verl.utils.torch_functional``).
+
+Each function below has the signature of verl's function of the same name and returns what verl
+returns (shapes, dtypes, tuple structure, metric keys), computed by fastppo's ops:
+
+==================================  =====================================================
+verl                                fastppo
+==================================  =====================================================
+compute_gae_advantage_return        ``gae(carry_masked=True)`` + ``masked_whiten``
+compute_grpo_outcome_advantage      ``group_advantages(method="grpo" | "dr_grpo")``
+compute_rloo_outcome_advantage      ``group_advantages(method="rloo")``
+kl_penalty                          ``kl_penalty`` (k3 clamped to 10, as verl does)
+agg_loss                            ``reference.agg_loss`` (PyTorch) + verl's global-batch scaling
+compute_policy_loss_vanilla         ``ppo_policy_loss`` (dual clip = ``clip_ratio_c``)
+compute_value_loss                  ``value_loss``
+logprobs_from_logits                ``token_logprobs``
+entropy_from_logits(_with_chunking) ``token_logprobs(return_entropy=True)``
+==================================  =====================================================
+
+``patch()`` swaps them into verl: the functions in their modules and in every loaded verl module
+that imported them, the ``"vanilla"`` policy loss and the ``"gae"``/``"grpo"``/``"rloo"``
+advantage estimators in verl's registries, and it calls ``register()``, which adds the policy loss
+as ``"fastppo_vanilla"`` (select it with ``actor.policy_loss.loss_mode=fastppo_vanilla``).
+``unpatch()`` restores all of it exactly. Importing this module does not import verl.
+
+An aggregation over an entirely empty mask is NaN, as verl's 0/0 is (fastppo's own ops give 0).
+The one deliberate difference: ``actor/ppo_kl`` is the mean of the unclamped
+``old_log_prob − log_prob`` (verl clamps it to ±20 first, which only matters beyond 20).
+"""
+
+import importlib
+import os
+
+import torch
+
+import fastppo
+from fastppo import reference
+from fastppo.integrations._patching import Patcher
+
+_CORE = "verl.trainer.ppo.core_algos"
+_TORCH_FUNCTIONAL = "verl.utils.torch_functional"
+REGISTERED_NAME = "fastppo_vanilla"
+
+# verl's KL estimator names → fastppo's ("full", on whole-vocabulary log-probs, verl does not implement).
+_KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+_K3_CLAMP = 10.0  # verl bounds low_var_kl / k3 to [-10, 10]
+_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "seq-mean-token-mean",
+)
+
+
+def _float_dtype(*tensors) -> torch.dtype:
+    """The dtype verl's arithmetic on ``tensors`` ends in (type promotion over the float ones)."""
+    dtype = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype or torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _rows(loss_mask: torch.Tensor) -> torch.Tensor:
+    """How many rows hold at least one token (0-d)."""
+    return (torch.atleast_2d(loss_mask).sum(-1) > 0).sum()
+
+
+def _nan_if_zero(count: torch.Tensor) -> torch.Tensor:
+    """1 where ``count`` is not 0 and NaN where it is: verl's 0/0 over an empty mask, where fastppo's
+    ops give 0, without a host sync."""
+    count = count.float()
+    return count / count
+
+
+def _global_agg(
+    loss_agg_mode, loss_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
+):
+    """Split verl's aggregation into fastppo's local one and a factor: verl's loss = fastppo's · factor.
+
+    verl divides by global counts (``batch_num_tokens`` tokens, ``global_batch_size`` sequences)
+    and multiplies by ``dp_size`` so that data-parallel gradient averaging yields the global mean.
+    Returns ``(agg, factor)``; the factor is a number or a 0-d tensor.
+    """
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            return "token-mean", dp_size * _nan_if_zero(loss_mask.sum())
+        return "token-sum", dp_size / batch_num_tokens
+    if loss_agg_mode == "token-sum":
+        return "token-sum", dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        norm = 1
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            norm = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        if global_batch_size is None:
+            if dp_size > 1:
+                raise ValueError("global_batch_size is required when dp_size > 1")
+            return "seq-mean-token-sum", dp_size / norm * _nan_if_zero(_rows(loss_mask))
+        return "token-sum", dp_size / global_batch_size / norm  # Σ over non-empty rows = Σ over all
+    if loss_agg_mode == "seq-mean-token-mean":
+        if global_batch_size is None:
+            if dp_size > 1:
+                raise ValueError("global_batch_size is required when dp_size > 1")
+            return "seq-mean-token-mean", dp_size * _nan_if_zero(_rows(loss_mask))
+        # fastppo's mean over the R non-empty rows, times R: the sum of the row means.
+        return "seq-mean-token-mean", _rows(loss_mask) * dp_size / global_batch_size
+    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}; expected one of {_AGG_MODES}")
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+):
+    """verl's ``agg_loss``: a per-token loss ``(B, T)`` reduced to a 0-d tensor.
+
+    Modes: token-mean, token-sum, seq-mean-token-sum, seq-mean-token-sum-norm (divided by
+    ``loss_scale_factor``, default T), seq-mean-token-mean; rows with no tokens are left out of
+    the seq modes. With ``batch_num_tokens`` / ``global_batch_size`` the loss is normalised by
+    those global counts and multiplied by ``dp_size`` (both required when ``dp_size > 1``).
+    A plain PyTorch reduction (``fastppo.reference.agg_loss``): on its own there is nothing to fuse;
+    fastppo's fused losses aggregate inside their kernels. An all-zero mask gives NaN, as verl's does.
+
+    Args:
+        loss_mat: ``(B, T)`` per-token loss (gradients flow to it).
+        loss_mask: ``(B, T)`` bool/int/float mask (or weights).
+
+    Returns:
+        0-d tensor in ``loss_mat``'s dtype (promoted with a float mask).
+    """
+    agg, factor = _global_agg(
+        loss_agg_mode, loss_mask, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    dtype = _float_dtype(loss_mat, loss_mask)
+    if loss_mat.shape != loss_mask.shape:
+        raise ValueError(
+            f"loss_mask must have the shape of loss_mat {tuple(loss_mat.shape)}, got {tuple(loss_mask.shape)}"
+        )
+    return (reference.agg_loss(loss_mat.to(dtype), loss_mask, agg) * factor).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> torch.Tensor:
+    """verl's ``kl_penalty``: per-token KL estimate, d = logprob − ref_logprob, by ``fastppo.kl_penalty``.
+
+    Estimators: "kl"/"k1" d; "abs" |d|; "mse"/"k2" d²/2; "low_var_kl"/"k3" exp(−d) + d − 1 clamped
+    to [−10, 10] (as verl). A "+" suffix keeps the value and takes the gradient of k2
+    (straight-through); "abs+" has no fused form and is built from fastppo's "abs" and "k2".
+    "full" raises NotImplementedError, as in verl.
+
+    Args:
+        logprob, ref_logprob: broadcastable float tensors (both receive gradients).
+
+    Returns:
+        The broadcast shape, in the inputs' promoted dtype.
+    """
+    if not isinstance(kl_penalty, str):
+        raise TypeError(f"kl_penalty must be a string, got {type(kl_penalty).__name__}")
+    plus = kl_penalty.endswith("+")
+    base = kl_penalty[:-1] if plus else kl_penalty
+    if base not in _KL_NAMES:
+        raise NotImplementedError(
+            f"kl_penalty={kl_penalty!r} is not supported; expected one of {sorted(_KL_NAMES)}, "
+            "optionally with '+'"
+        )
+    dtype = _float_dtype(logprob, ref_logprob)
+    logprob, ref_logprob = torch.broadcast_tensors(logprob, ref_logprob)
+    estimator = _KL_NAMES[base]
+    clamp = _K3_CLAMP if estimator == "k3" else None
+    if plus and estimator == "abs":
+        value = fastppo.kl_penalty(logprob, ref_logprob, "abs")
+        k2 = fastppo.kl_penalty(logprob, ref_logprob, "k2")
+        return (k2 + (value - k2).detach()).to(dtype)
+    if plus and estimator != "k2":  # "k2+" is k2 in value and gradient
+        estimator += "+"
+    return fastppo.kl_penalty(logprob, ref_logprob, estimator, clamp).to(dtype)
+
+
+def _vanilla_losses_torch(old_log_prob, log_prob, advantages, response_mask, weights, low, high, clip_c):
+    """Per-token dual-clip PPO loss and its statistics in plain PyTorch (the fallback for options
+    the fused kernel has no form for: IS weights that are not all > 0, clip ratios ≤ 0)."""
+    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+    surrogate = torch.maximum(unclipped, clipped)
+    floor = -advantages * clip_c
+    negative = advantages < 0
+    losses = torch.where(negative, torch.minimum(surrogate, floor), surrogate)
+    if weights is not None:
+        losses = losses * weights
+    # in verl's metric order: pg_clipfrac, ppo_kl, pg_clipfrac_lower
+    stats = [(clipped > unclipped).float(), -log_ratio.detach(), ((surrogate > floor) & negative).float()]
+    m = response_mask.float()
+    stats = [(torch.where(m != 0, s, 0.0) * m).sum() / (m.sum() + 1e-8) for s in stats]
+    return losses, stats
+
+
+def compute_policy_loss_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: torch.Tensor | None = None,
+):
+    """verl's ``compute_policy_loss_vanilla``: dual-clip PPO loss by ``fastppo.ppo_policy_loss``.
+
+    Per token, r = exp(clamp(log_prob − old_log_prob, ±20)):
+    l = max(−A·r, −A·clip(r, 1 − clip_ratio_low, 1 + clip_ratio_high)), and for A < 0
+    l = min(l, −A·clip_ratio_c); times ``rollout_is_weights`` when given; aggregated by
+    ``agg_loss(..., **config.global_batch_info)``. Positive IS weights are folded into the
+    advantages (exact for w > 0); weights with zeros (e.g. IcePop) or clip ratios ≤ 0 run a PyTorch
+    fallback of the same formula, so the clip statistics stay verl's.
+
+    Args:
+        old_log_prob, log_prob, advantages, response_mask: ``(B, T)``; only ``log_prob`` gets a gradient.
+        loss_agg_mode: as in ``agg_loss``.
+        config: verl's ActorConfig (``clip_ratio``, ``clip_ratio_low``/``high``, ``clip_ratio_c``,
+            ``global_batch_info``).
+        rollout_is_weights: ``(B, T)`` (or broadcastable) importance weights, or None.
+
+    Returns:
+        ``(pg_loss, metrics)``: a 0-d tensor and ``{"actor/pg_clipfrac", "actor/ppo_kl",
+        "actor/pg_clipfrac_lower"}`` as Python floats.
+    """
+    if config is None:
+        raise ValueError("config must be verl's ActorConfig (clip ratios, global_batch_info), got None")
+    if type(config).__name__ == "AlgoConfig":
+        raise ValueError("config must be verl's ActorConfig, got an AlgoConfig")
+    clip_ratio = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    clip_c = config.get("clip_ratio_c", 3.0)
+    if not clip_c > 1.0:
+        raise ValueError(f"config.clip_ratio_c (the dual-clip bound) must be > 1.0, got {clip_c}")
+    batch_info = dict(config.global_batch_info)
+    agg, factor = _global_agg(loss_agg_mode, response_mask, **batch_info)
+    dtype = _float_dtype(old_log_prob, log_prob, advantages, rollout_is_weights)
+    weights_fold = rollout_is_weights is None or bool((rollout_is_weights > 0).all())
+    if weights_fold and low > 0 and high > 0:
+        if rollout_is_weights is not None:
+            advantages = (advantages * rollout_is_weights).expand_as(advantages)
+        pg_loss, stats = fastppo.ppo_policy_loss(
+            log_prob,
+            old_log_prob,
+            advantages,
+            response_mask,
+            clip_low=low,
+            clip_high=high,
+            dual_clip=clip_c,
+            agg=agg,
+        )
+        pg_loss = pg_loss * factor
+        stats = [stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]
+    else:
+        losses, (clipfrac, ppo_kl, clipfrac_lower) = _vanilla_losses_torch(
+            old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, low, high, clip_c
+        )
+        pg_loss = agg_loss(losses, response_mask, loss_agg_mode, **batch_info)
+        stats = [clipfrac, ppo_kl, clipfrac_lower]
+    clipfrac, ppo_kl, clipfrac_lower = torch.stack([s.detach().float() for s in stats]).tolist()  # one sync
+    metrics = {
+        "actor/pg_clipfrac": clipfrac,
+        "actor/ppo_kl": ppo_kl,
+        "actor/pg_clipfrac_lower": clipfrac_lower,
+    }
+    return pg_loss.to(dtype), metrics
+
+
+def compute_value_loss(
+    vpreds: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+):
+    """verl's ``compute_value_loss``: clipped value loss by ``fastppo.value_loss``.
+
+    v_c = values + clip(vpreds − values, ±cliprange_value); loss = ½·agg(max((vpreds − R)², (v_c − R)²))
+    with ``agg`` and the global-batch arguments as in ``agg_loss``. A ``cliprange_value`` ≤ 0 has no
+    fused form and runs in PyTorch.
+
+    Args:
+        vpreds: ``(B, T)`` critic outputs (receive the gradient).
+        returns, values (the old values), response_mask: ``(B, T)``.
+
+    Returns:
+        ``(vf_loss, vf_clipfrac)``: 0-d tensors; clipfrac is the masked fraction of tokens where the
+        clipped term is the larger one.
+    """
+    if isinstance(cliprange_value, bool) or not isinstance(cliprange_value, (int, float)):
+        raise TypeError(f"cliprange_value must be a number, got {type(cliprange_value).__name__}")
+    agg, factor = _global_agg(
+        loss_agg_mode, response_mask, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    dtype = _float_dtype(vpreds, returns, values)
+    if cliprange_value > 0:
+        loss, clipfrac = fastppo.value_loss(
+            vpreds, values, returns, response_mask, clip=cliprange_value, agg=agg
+        )
+        return (loss * factor).to(dtype), clipfrac
+    clipped = torch.maximum(torch.minimum(vpreds, values + cliprange_value), values - cliprange_value)
+    unclipped_loss, clipped_loss = (vpreds - returns).square(), (clipped - returns).square()
+    vf_loss = 0.5 * agg_loss(
+        torch.maximum(unclipped_loss, clipped_loss),
+        response_mask,
+        loss_agg_mode,
+        dp_size,
+        batch_num_tokens,
+        global_batch_size,
+        loss_scale_factor,
+    )
+    m = response_mask.float()
+    clipfrac = (torch.where(m != 0, (clipped_loss > unclipped_loss).float(), 0.0) * m).sum() / (
+        m.sum() + 1e-8
+    )
+    return vf_loss, clipfrac
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+
+
+def compute_gae_advantage_return(
+    token_level_rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: torch.Tensor,
+    lam: torch.Tensor,
+):
+    """verl's ``compute_gae_advantage_return``: GAE by ``fastppo.gae(carry_masked=True)``, then whitening.
+
+    Masked positions inside a response (multi-turn observations) carry the advantage and the next
+    value over, as verl does. Returns are advantages + values before whitening; the advantages are
+    whitened over ``response_mask`` (``fastppo.masked_whiten``). ``gamma``/``lam`` outside [0, 1]
+    run fastppo's PyTorch reference of the same recursion.
+
+    Args:
+        token_level_rewards, values, response_mask: ``(B, T)``; the mask holds 0/1.
+        gamma, lam: numbers (or 0-d tensors).
+
+    Returns:
+        ``(advantages, returns)``, ``(B, T)`` in the inputs' dtype.
+
+    Raises:
+        ValueError: the mask holds fewer than two tokens (verl's unbiased variance needs two).
+    """
+    gamma, lam = float(gamma), float(lam)
+    dtype = _float_dtype(token_level_rewards, values, response_mask)
+    if 0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0:
+        advantages, returns = fastppo.gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam)
+    else:
+        advantages, returns = reference.gae(token_level_rewards, values, response_mask, gamma=gamma, lam=lam)
+    tokens = float(response_mask.sum())
+    if tokens == 0:
+        raise ValueError("response_mask must select at least one element to whiten the advantages")
+    if tokens == 1:
+        raise ValueError(
+            "response_mask selects one element: the unbiased variance of the advantages divides by zero"
+        )
+    return fastppo.masked_whiten(advantages, response_mask).to(dtype), returns.to(dtype)
+
+
+def _group_ids(index, batch_size: int, device) -> torch.Tensor:
+    """Integer group ids from verl's ``index`` (uids of any hashable kind, compared as verl's dict does)."""
+    if len(index) < batch_size:
+        raise ValueError(f"index must hold one uid per response ({batch_size}), got {len(index)}")
+    ids: dict = {}
+    group = [ids.setdefault(index[i], len(ids)) for i in range(batch_size)]
+    return torch.tensor(group, dtype=torch.int64, device=device)
+
+
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config=None,
+):
+    """verl's ``compute_grpo_outcome_advantage`` by ``fastppo.group_advantages``.
+
+    Score s = Σ_t rewards; per group of equal ``index``: (s − mean)/(std + epsilon) (std unbiased),
+    or s − mean without ``norm_adv_by_std_in_grpo`` (Dr. GRPO); a group of one has mean 0, std 1.
+
+    Args:
+        token_level_rewards, response_mask: ``(B, T)``.
+        index: ``(B,)`` uids (numpy array of str/int, list, ...).
+        epsilon: > 0.
+
+    Returns:
+        ``(advantages, advantages)``, ``(B, T)``: the per-response advantage times the mask.
+    """
+    scores = token_level_rewards.sum(dim=-1)
+    group = _group_ids(index, scores.shape[0], scores.device)
+    method = "grpo" if norm_adv_by_std_in_grpo else "dr_grpo"
+    scores = fastppo.group_advantages(scores, group, method=method, eps=epsilon).to(scores.dtype)
+    scores = scores.unsqueeze(-1) * response_mask
+    return scores, scores
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+):
+    """verl's ``compute_rloo_outcome_advantage`` by ``fastppo.group_advantages(method="rloo")``.
+
+    Score s = Σ_t rewards; in a group of n > 1: s·n/(n−1) − mean·n/(n−1) (the leave-one-out
+    baseline); a group of one keeps s. ``epsilon`` and extra keyword arguments are unused, as in verl.
+
+    Returns:
+        ``(advantages, advantages)``, ``(B, T)``.
+    """
+    scores = token_level_rewards.sum(dim=-1)
+    group = _group_ids(index, scores.shape[0], scores.device)
+    scores = fastppo.group_advantages(scores, group, method="rloo").to(scores.dtype)
+    scores = scores.unsqueeze(-1) * response_mask
+    return scores, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs and entropy (verl.utils.torch_functional)
+
+
+def _verl_in_place_ce() -> bool:
+    """Whether verl itself would run flash-attn's cross entropy (fp32 out, in-place backward)."""
+    verl_F = importlib.import_module(_TORCH_FUNCTIONAL)
+    available = getattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False)
+    return bool(available) and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+
+
+def logprobs_from_logits(logits, labels, inplace_backward=True):
+    """verl's ``logprobs_from_logits`` by ``fastppo.token_logprobs``.
+
+    The in-place backward (the logits' gradient written into their storage) is used only where
+    verl would use it (flash-attn's cross entropy available and not disabled); then the result is
+    fp32 as flash-attn's, otherwise in the logits' dtype as verl's PyTorch path. Labels equal to
+    -100 give 0.
+
+    Args:
+        logits: ``(..., V)``; labels: ``(...)`` integer in [0, V).
+
+    Returns:
+        ``(...)`` log-probabilities.
+    """
+    in_place = _verl_in_place_ce()
+    logp = fastppo.token_logprobs(logits, labels, inplace_backward=bool(inplace_backward) and in_place)
+    return logp if in_place else logp.to(logits.dtype)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return fastppo.token_logprobs(logits, labels, return_entropy=True, check_labels=False)[1]
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """verl's ``entropy_from_logits``: ``(..., V)`` → ``(...)`` entropy in the logits' dtype
+    (fastppo's fused pass, its log-prob output unused)."""
+    return _entropy(logits).to(logits.dtype)
+
+
+def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """verl's ``entropy_from_logits_with_chunking``: ``(N, V)`` → ``(N,)`` fp32. fastppo streams the
+    vocabulary in tiles, so ``chunk_size`` (verl's memory bound) is accepted and not needed."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, V), got {tuple(logits.shape)}")
+    return _entropy(logits).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching
+
+_FUNCTIONS = {
+    _CORE: (
+        "compute_gae_advantage_return",
+        "compute_grpo_outcome_advantage",
+        "compute_rloo_outcome_advantage",
+        "kl_penalty",
+        "agg_loss",
+        "compute_policy_loss_vanilla",
+        "compute_value_loss",
+    ),
+    _TORCH_FUNCTIONAL: ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"),
+}
+_ADV_ESTIMATORS = {
+    "gae": "compute_gae_advantage_return",
+    "grpo": "compute_grpo_outcome_advantage",
+    "rloo": "compute_rloo_outcome_advantage",
+}
+
+
+def _targets() -> list[tuple[str, str, object]]:
+    return [(module, name, globals()[name]) for module, names in _FUNCTIONS.items() for name in names]
+
+
+def register() -> None:
+    """Register ``compute_policy_loss_vanilla`` with verl as ``"fastppo_vanilla"`` (imports verl).
+
+    A side effect on verl's policy-loss registry, so it happens here, never at import; ``patch()``
+    calls it too (and ``unpatch()`` removes the name again if ``patch()`` added it).
+    """
+    core = importlib.import_module(_CORE)
+    core.register_policy_loss(REGISTERED_NAME)(compute_policy_loss_vanilla)
+
+
+class _VerlPatcher(Patcher):
+    """``Patcher`` plus verl's registries: dict entries swapped on patch and put back on unpatch."""
+
+    def __init__(self):
+        super().__init__("verl", _targets)
+        self._entries: list[tuple[dict, str, bool, object]] = []  # (registry, key, had key, old value)
+
+    @property
+    def active(self) -> bool:
+        return super().active or bool(self._entries)
+
+    def _set(self, registry: dict, key: str, value) -> None:
+        self._entries.append((registry, key, key in registry, registry.get(key)))
+        registry[key] = value
+
+    def patch(self) -> None:
+        if self.active:
+            return
+        core = importlib.import_module(_CORE)
+        verl_functions = {
+            name: getattr(core, name) for name in ("compute_policy_loss_vanilla", *_ADV_ESTIMATORS.values())
+        }
+        super().patch()
+        try:
+            policy_losses = core.POLICY_LOSS_REGISTRY
+            self._entries.append(
+                (
+                    policy_losses,
+                    REGISTERED_NAME,
+                    REGISTERED_NAME in policy_losses,
+                    policy_losses.get(REGISTERED_NAME),
+                )
+            )
+            register()
+            # Only entries that still hold verl's own function: a user's override stays theirs.
+            if policy_losses.get("vanilla") is verl_functions["compute_policy_loss_vanilla"]:
+                self._set(policy_losses, "vanilla", compute_policy_loss_vanilla)
+            for key, name in _ADV_ESTIMATORS.items():
+                if core.ADV_ESTIMATOR_REGISTRY.get(key) is verl_functions[name]:
+                    self._set(core.ADV_ESTIMATOR_REGISTRY, key, globals()[name])
+        except BaseException:
+            self.unpatch()
+            raise
+
+    def unpatch(self) -> None:
+        super().unpatch()  # functions, also where a module imported while patched bound them
+        while self._entries:
+            registry, key, had_key, old_value = self._entries.pop()
+            if had_key:
+                registry[key] = old_value
+            else:
+                registry.pop(key, None)
+
+
+_PATCHER = _VerlPatcher()
+
+
+def patch() -> None:
+    """Install fastppo's functions in verl (see the module docstring); a second call changes nothing.
+    Call it in every process that computes losses (verl's Ray workers too), before verl builds its engines."""
+    _PATCHER.patch()
+
+
+def unpatch() -> None:
+    """Restore verl's functions and registry entries exactly as ``patch()`` found them."""
+    _PATCHER.unpatch()
+
+
+def patched():
+    """Context manager: ``with patched(): ...`` runs the block with fastppo installed in verl."""
+    return _PATCHER.patched()
