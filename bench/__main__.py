@@ -29,6 +29,7 @@ BENCH_MODULES = (
     "bench.bench_losses",
     "bench.bench_advantages",
     "bench.bench_packing",
+    "bench.bench_ppo_step",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,41 @@ def test_unknown_op_is_refused(tmp_path):
     cmd = [sys.executable, "-m", "bench", "--ops", "gae2", "--device", "cpu", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--ops: unknown ['gae2']" in proc.stderr
+
+
+def test_ppo_step_benchmark(tmp_path):
+    """A whole PPO update step (the trainer's micro_batch_losses, backward, optimizer step) with the
+    fastppo ops and with their references: both measured, nothing left out."""
+    proc, result = run_bench(
+        tmp_path, "--ops", "ppo_step", "--providers", "torch,fastppo", "--modes", "fwd_bwd"
+    )
+    assert result["skipped"] == [], result["skipped"]
+    assert {(r["op"], r["provider"], r["mode"]) for r in result["records"]} == {
+        ("ppo_step", "torch", "fwd_bwd"),
+        ("ppo_step", "fastppo", "fwd_bwd"),
+    }
+    assert all(r["shape"] == {"B": 4, "P": 8, "R": 24} and r["gbps"] is None for r in result["records"])
+    assert "| ppo_step |" in (tmp_path / next(tmp_path.glob("*.md")).name).read_text()
+
+
+def test_ppo_step_needs_a_gpu_at_full_size():
+    spec = importlib.util.spec_from_file_location(
+        "bench.bench_ppo_step", ROOT / "bench" / "bench_ppo_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    said = []
+    cases = list(
+        module.benchmarks(
+            device="cpu", quick=False, providers=["torch", "fastppo"], modes=["fwd_bwd"], log=said.append
+        )
+    )
+    assert cases == [] and "needs a GPU" in said[0]
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # Qwen2-0.5B's shape, without allocating it
+        model = AutoModelForCausalLM.from_config(module.qwen2_config(quick=False))
+    assert 490e6 < sum(p.numel() for p in model.parameters()) < 500e6
 
 
 def test_quick_run_writes_schema(tmp_path):
