@@ -1,10 +1,10 @@
-"""The PPO loop's model passes: padding-free (packed) equals padded, dropout is off, attention
-implementation choice."""
+"""The loops' model passes: padding-free (packed) equals padded in PPO and in the offline loops'
+sequence log-probs, dropout is off, attention implementation choice."""
 
 import pytest
 import torch
 
-from fastppo.trainer import ppo, runtime
+from fastppo.trainer import data, offline, ppo, runtime
 from fastppo.trainer.config import PPOConfig
 
 CPU = torch.device("cpu")
@@ -88,3 +88,25 @@ def test_attention_implementation():
     cfg = PPOConfig(attention="eager")
     _, policy, _, critic = ppo.load_models(cfg, "eager")
     assert policy.config._attn_implementation == critic.config._attn_implementation == "eager"
+
+
+def test_sequence_logprobs_padding_free_equals_padded():
+    """SFT and DPO score rows by summed response log-probs: packed rows give the padded sums and
+    gradients (rows of different lengths, so right padding is exercised)."""
+    tokenizer = ppo.tiny.build_tokenizer()
+    model = ppo.tiny.build_policy(tokenizer, seed=0)
+    prompts, responses = ["abc:", "qwertyu:", "x:"], ["aab", "w", "xxxx"]
+    batch = data.encode(tokenizer, prompts, responses)
+    assert batch["attention_mask"].sum(1).unique().numel() == 3
+    assert model.config._attn_implementation == "sdpa"  # so the default is the padded pass
+    sums, grads = [], []
+    for padding_free in (None, True):
+        model.zero_grad()
+        logp = offline.sequence_logprobs(model, batch, padding_free=padding_free)
+        logp.sum().backward()
+        sums.append(logp.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(sums[1], sums[0], atol=1e-5, rtol=1e-6)
+    assert (sums[0] < 0).all() and sums[0].shape == (3,)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)

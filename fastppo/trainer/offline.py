@@ -21,6 +21,7 @@ from transformers import (
 )
 
 import fastppo
+from fastppo import packing
 from fastppo.trainer import checkpoint, data, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.metrics import MetricsWriter
@@ -43,12 +44,32 @@ def load_causal_lm(cfg: OfflineConfig, tokenizer):
     return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attention(cfg))
 
 
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """(B,) log-probability of each row's response tokens: a masked sum of token log-probs."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logp = fastppo.token_logprobs(logits[:, :-1], labels)  # 0 where the label is -100
-    return logp.sum(-1)
+def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> torch.Tensor:
+    """(B,) log-probability of each row's response tokens: a masked sum of token log-probs.
+
+    ``padding_free`` (default: when the model runs flash-attn's ``flash_attention_2``) packs the
+    rows' real tokens into one row, position ids restarting at each sequence, so that no compute
+    goes to padding; the per-row sums are then segment sums over the packed tokens.
+    """
+    if padding_free is None:
+        padding_free = model.config._attn_implementation.startswith("flash")
+    if not padding_free:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = fastppo.token_logprobs(logits[:, :-1], batch["labels"][:, 1:])  # 0 where the label is -100
+        return logp.sum(-1)
+    layout = packing.unpad(batch["attention_mask"])
+    # Each token's label is the next token's, -100 past the end of its row (and on padding).
+    next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    logits = model(
+        input_ids=packing.pack(batch["input_ids"], layout)[None],
+        position_ids=layout.position_ids[None],
+        use_cache=False,  # no mask and no cache: transformers reads sequence starts from position_ids
+    ).logits[0]
+    logp = fastppo.token_logprobs(logits, packing.pack(next_labels, layout))
+    rows = torch.repeat_interleave(
+        torch.arange(len(layout.seqlens), device=logp.device), layout.seqlens.long()
+    )
+    return torch.zeros(len(layout.seqlens), dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
 
 
 # --------------------------------------------------------------------------------------------
