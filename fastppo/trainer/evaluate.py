@@ -102,11 +102,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if reference is not None:
             attention = torch.cat([prompt_mask.bool(), mask], 1)
             labels = torch.where(mask, out, -100)
+            scored = dict(sequences=sequences, attention_mask=attention, labels=labels)
             logp, ref_logp = (
-                fastppo.token_logprobs(
-                    *predicting_outputs(m, device, sequences, attention, labels, P, padding_free=False),
-                    temperature=tau,
-                )
+                fastppo.token_logprobs(*predicting_outputs(m, device, scored, P, False)[:2], temperature=tau)
                 for m in (policy, reference)
             )
             kls += fastppo.kl_penalty(logp, ref_logp, "k1").sum(1).tolist()

@@ -52,7 +52,7 @@ def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> t
     goes to padding; the per-row sums are then segment sums over the packed tokens.
     """
     if padding_free is None:
-        padding_free = model.config._attn_implementation.startswith("flash")
+        padding_free = runtime.varlen_attention(model.config._attn_implementation)
     if not padding_free:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp = fastppo.token_logprobs(logits[:, :-1], batch["labels"][:, 1:])  # 0 where the label is -100
@@ -60,16 +60,11 @@ def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> t
     layout = packing.unpad(batch["attention_mask"])
     # Each token's label is the next token's, -100 past the end of its row (and on padding).
     next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    logits = model(
-        input_ids=packing.pack(batch["input_ids"], layout)[None],
-        position_ids=layout.position_ids[None],
-        use_cache=False,  # no mask and no cache: transformers reads sequence starts from position_ids
-    ).logits[0]
-    logp = fastppo.token_logprobs(logits, packing.pack(next_labels, layout))
-    rows = torch.repeat_interleave(
-        torch.arange(len(layout.seqlens), device=logp.device), layout.seqlens.long()
+    logp = fastppo.token_logprobs(
+        runtime.packed_logits(model, batch["input_ids"], layout), packing.pack(next_labels, layout)
     )
-    return torch.zeros(len(layout.seqlens), dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
+    rows = layout.indices // layout.shape[1]  # each packed token's row
+    return torch.zeros(layout.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,34 +123,30 @@ def ends_at_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (eos.cumsum(1) - eos) == 0
 
 
-def predicting_outputs(model, device, sequences, attention_mask, labels, prompt_len, padding_free):
+def predicting_outputs(model, device, batch: dict, prompt_len: int, padding_free: bool):
     """Run ``model`` on whole sequences; return its output at the positions that predict a
-    response token, and the labels aligned with them.
+    response token, the labels aligned with them, and where the labels are response tokens.
 
+    ``batch`` holds ``sequences``, ``attention_mask`` and the response ``labels`` ``(B, R)``.
     Padded: ``(B, R, ...)`` and ``(B, R)``, a view of ``logits[:, P-1:-1]``. Padding-free: the
-    attended tokens of all rows packed into one row, position ids restarting at each sequence
-    (flash-attn's varlen kernels; transformers gives sdpa and eager a block-diagonal mask), so
-    ``(N, ...)`` and ``(N,)`` with label -100 where a position predicts no response token.
-    Either way ``out[labels != -100]`` lists the response tokens row by row.
+    attended tokens of all rows packed into one row (``runtime.packed_logits``), so ``(N, ...)``
+    and ``(N,)`` with label -100 where a position predicts no response token.
+    Either way ``out[keep]`` lists the response tokens row by row.
     """
     P = prompt_len
-    if not padding_free:
-        with runtime.autocast(device):
+    sequences, attention_mask, labels = batch["sequences"], batch["attention_mask"], batch["labels"]
+    with runtime.autocast(device):
+        if not padding_free:
             logits = model(
                 input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 use_cache=False,
-            ).logits  # fmt: skip
-        return logits[:, P - 1 : -1], labels
-    layout = packing.unpad(attention_mask)
-    all_labels = torch.full_like(sequences, -100)
-    all_labels[:, P - 1 : -1] = labels  # the last prompt token and the response tokens are attended
-    with runtime.autocast(device):
-        # No attention mask and no cache: transformers then finds the sequences from position_ids.
-        logits = model(
-            input_ids=packing.pack(sequences, layout)[None], position_ids=layout.position_ids[None],
-            use_cache=False,
-        ).logits  # fmt: skip
-    return logits[0], packing.pack(all_labels, layout)
+            ).logits[:, P - 1 : -1]  # fmt: skip
+        else:
+            layout = packing.unpad(attention_mask)
+            all_labels = torch.full_like(sequences, -100)
+            all_labels[:, P - 1 : -1] = labels  # the last prompt token and the response tokens are attended
+            logits, labels = runtime.packed_logits(model, sequences, layout), packing.pack(all_labels, layout)
+    return logits, labels, labels != -100
 
 
 def to_padded(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +159,6 @@ def to_padded(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
 def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef, device):
     """Generate, score and compute everything the update needs, for one batch of prompts."""
     prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    padding_free = cfg.padding_free
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     P = prompt_ids.shape[1]
     policy.eval()
@@ -187,22 +182,19 @@ def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_co
 
     labels = torch.where(response_mask, responses, -100)
 
-    def response_outputs(model):  # (B, R, ...) at the positions predicting response tokens, 0 after
-        out, out_labels = predicting_outputs(
-            model, device, sequences, attention_mask, labels, P, padding_free
-        )
-        return out, out_labels, lambda x: to_padded(x[out_labels != -100], response_mask)
+    scored = dict(sequences=sequences, attention_mask=attention_mask, labels=labels)
 
-    def response_logprobs(model):
-        logits, out_labels, padded = response_outputs(model)
-        return padded(fastppo.token_logprobs(logits, out_labels, temperature=cfg.temperature))
+    def response_logprobs(model):  # (B, R), 0 after each response
+        logits, out_labels, keep = predicting_outputs(model, device, scored, P, cfg.padding_free)
+        logp = fastppo.token_logprobs(logits, out_labels, temperature=cfg.temperature)
+        return to_padded(logp[keep], response_mask)
 
     old_logp, ref_logp = response_logprobs(policy), response_logprobs(reference)
     mask = response_mask.float()
     kl = fastppo.kl_penalty(old_logp, ref_logp, "k1") * mask
     if critic is not None:
-        logits, _, padded = response_outputs(critic)
-        values = padded(logits[..., 0].float())
+        logits, _, keep = predicting_outputs(critic, device, scored, P, cfg.padding_free)
+        values = to_padded(logits[..., 0][keep].float(), response_mask)
         rewards = fastppo.shape_rewards(scores, response_mask, kl=kl, kl_coef=kl_coef)
         advantages, returns = fastppo.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
     else:
@@ -236,20 +228,15 @@ def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device
     take = lambda key: data[key][idx]  # noqa: E731
     response_mask = take("response_mask")
     flat = lambda x: x[response_mask]  # noqa: E731 (response tokens, row by row)
+    batch = {key: take(key) for key in ("sequences", "attention_mask", "labels")}
 
-    def response_outputs(model):  # (N,  ...) at the N response tokens, and the labels' alignment
-        out, labels = predicting_outputs(
-            model, device, take("sequences"), take("attention_mask"), take("labels"), data["prompt_len"],
-            cfg.padding_free,
-        )  # fmt: skip
-        return out, labels, labels != -100
-
-    logits, labels, keep = response_outputs(policy)
+    logits, labels, keep = predicting_outputs(policy, device, batch, data["prompt_len"], cfg.padding_free)
     logp, entropy = fastppo.token_logprobs(logits, labels, temperature=cfg.temperature, return_entropy=True)
-    ones = torch.ones(int(response_mask.sum()), device=device)
+    logp = logp[keep]
+    ones = torch.ones_like(logp)
     in_loss_kl = cfg.algo != "ppo" and kl_coef > 0  # critic-free methods put the KL in the loss
     policy_loss, stats = fastppo.ppo_policy_loss(
-        logp[keep], flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
+        logp, flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
         ref_logp=flat(take("ref_logp")) if in_loss_kl else None, kl_coef=kl_coef if in_loss_kl else 0.0,
         entropy=entropy[keep], entropy_coef=cfg.entropy_coef,
@@ -257,7 +244,7 @@ def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device
     loss = policy_loss / n_tokens
     value_loss = torch.zeros((), device=device)
     if critic is not None:
-        values, _, keep = response_outputs(critic)
+        values, _, keep = predicting_outputs(critic, device, batch, data["prompt_len"], cfg.padding_free)
         value_loss, _ = fastppo.value_loss(
             values[..., 0][keep].float(), flat(take("values")), flat(take("returns")), ones,
             clip=cfg.value_clip, agg="token-sum",
@@ -297,8 +284,8 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     attention = runtime.attention_implementation(cfg.attention, device)
-    if cfg.padding_free is None:  # padding-free pays off with varlen kernels only
-        cfg = replace(cfg, padding_free=attention.startswith("flash"))
+    if cfg.padding_free is None:
+        cfg = replace(cfg, padding_free=runtime.varlen_attention(attention))
     tokenizer, policy, reference, critic = load_models(cfg, attention)
     policy, reference = policy.to(device), reference.to(device)
     critic = critic.to(device) if critic is not None else None
