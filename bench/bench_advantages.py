@@ -12,11 +12,10 @@ masked_whiten reads 5 B and writes 4 B = 9 B. Group advantages: 4 B score + 8 B 
 per sequence.
 """
 
-import importlib.util
-
 import torch
 
 import fastppo
+from bench import harness
 from bench.harness import Benchmark
 
 OPS = ("gae", "masked_whiten", "group_advantages")
@@ -121,9 +120,9 @@ def benchmarks(*, device, quick, providers, modes, dtype=None, ops=OPS, log=prin
     del dtype  # rewards, values and advantages are fp32
     if "fwd" not in modes:
         return
-    if "verl" in providers and importlib.util.find_spec("verl") is None:
-        log("advantages: verl is not installed, provider 'verl' left out")
-        providers = [p for p in providers if p != "verl"]
+    providers = harness.importable_providers(
+        providers, {"verl": "verl.trainer.ppo.core_algos"}, "advantages", log
+    )
     # The Python loop is the baseline every speed-up here is measured against.
     providers = set(providers) | {"python_loop"}
     for B, T in QUICK_SHAPES if quick else FULL_SHAPES:

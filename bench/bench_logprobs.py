@@ -18,6 +18,7 @@ import functools
 import torch
 
 import fastppo
+from bench import harness
 from bench.harness import Benchmark
 
 OP = "token_logprobs"
@@ -25,7 +26,11 @@ OPS = (OP,)
 FULL_SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32000, 151936)]
 QUICK_SHAPES = [(16, 1000), (64, 4096)]
 TEMPERATURE = 0.9
-PEERS = ("trl", "verl", "openrlhf")
+PEERS = {
+    "trl": "trl.trainer.utils",
+    "verl": "verl.utils.torch_functional",
+    "openrlhf": "openrlhf.models.utils",
+}
 
 
 def _reference(logits, labels):
@@ -82,13 +87,7 @@ def _providers(names, log):
         "openrlhf": _openrlhf,
         "fastppo": lambda: _fastppo(False),
     }
-    for name in names:
-        if name in PEERS:
-            try:
-                table[name]()
-            except ImportError as exc:  # not installed, or its imports fail here (e.g. no deepspeed)
-                log(f"token_logprobs: provider {name!r} left out: {exc}")
-                continue
+    for name in harness.importable_providers(names, PEERS, OP, log):
         if name in table:
             yield name, table[name]
 

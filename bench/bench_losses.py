@@ -14,11 +14,11 @@ upstream gradient's read and each input gradient's write. Per token, fp32:
 """
 
 import functools
-import importlib.util
 
 import torch
 
 import fastppo
+from bench import harness
 from bench.harness import Benchmark
 
 OPS = ("kl_penalty", "ppo_policy_loss", "value_loss")
@@ -160,9 +160,9 @@ def _setup(op, provider, B, T, device, mode):
 
 def benchmarks(*, device, quick, providers, modes, dtype=None, ops=OPS, log=print):
     del dtype  # these ops take fp32 log-probs and values whatever the model's dtype
-    if "verl" in providers and importlib.util.find_spec("verl") is None:
-        log("losses: verl is not installed, provider 'verl' left out")
-        providers = [p for p in providers if p != "verl"]
+    providers = harness.importable_providers(
+        providers, {"verl": "verl.trainer.ppo.core_algos"}, "losses", log
+    )
     for B, T in QUICK_SHAPES if quick else FULL_SHAPES:
         for op in ops:
             for mode in modes:

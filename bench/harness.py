@@ -6,6 +6,7 @@ quantiles after warm-up, L2 flushed between runs); on CPU, from wall-clock repea
 """
 
 import gc
+import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +35,21 @@ class Benchmark:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+def importable_providers(providers, peer_modules: dict[str, str], what: str, log=print) -> list[str]:
+    """``providers`` without the peers whose module (``peer_modules``: provider → module) does not
+    import here, each said to be left out with the reason (not installed, or an import it needs)."""
+    kept = []
+    for name in providers:
+        if name in peer_modules:
+            try:
+                importlib.import_module(peer_modules[name])
+            except ImportError as exc:
+                log(f"{what}: provider {name!r} left out: {exc}")
+                continue
+        kept.append(name)
+    return kept
 
 
 def synchronize(device: torch.device) -> None:
