@@ -62,6 +62,17 @@ class Patcher:
                     setattr(module, key, replaced[1])
         self._replaced = {}
 
+    def original(self, module_name: str, attribute: str):
+        """The peer's own ``module_name.attribute`` (a class's own entry for a dotted name), also
+        while a replacement is patched in: what a replacement falls back to."""
+        owner, name = _resolve(importlib.import_module(module_name), attribute)
+        for swapped_owner, swapped_name, saved in self._swaps:  # the first swap holds the peer's own
+            if swapped_owner is owner and swapped_name == name:
+                if saved is _INHERITED:
+                    return next(vars(base)[name] for base in owner.__mro__[1:] if name in vars(base))
+                return saved
+        return vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
         """``with patched(): ...`` runs the block with fastppo's functions installed."""

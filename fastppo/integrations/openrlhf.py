@@ -23,12 +23,11 @@ OpenRLHF runs the policy and critic losses inside Ray actors: call ``patch()`` i
 (e.g. ``ray.init(runtime_env={"worker_process_setup_hook": "fastppo.integrations.openrlhf.patch"})``).
 """
 
-import importlib
-
 import torch
 
 import fastppo
-from fastppo.integrations._patching import Patcher, _resolve
+from fastppo.integrations._patching import Patcher
+from fastppo.integrations._peer_numerics import nan_if_zero
 
 _UTILS = "openrlhf.models.utils"
 _LOSS = "openrlhf.models.loss"
@@ -37,23 +36,10 @@ _MAKER_CLASS = "RemoteExperienceMaker"
 _KL_CLAMP = 10.0  # OpenRLHF bounds every estimator's value to [-10, 10]
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
 
-_originals: dict[tuple[str, str], object] = {}
-
 
 def _original(module_name: str, attribute: str):
     """OpenRLHF's own function (or class attribute), also while ours is patched in."""
-    owner, name = _resolve(importlib.import_module(module_name), attribute)
-    current = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
-    if current not in _REPLACEMENTS:
-        _originals[module_name, attribute] = current
-        return current
-    return _originals[module_name, attribute]
-
-
-def _nan_if_zero(count: torch.Tensor) -> torch.Tensor:
-    """1 where count != 0, NaN where it is 0 (OpenRLHF's 0/0), without a host sync."""
-    count = count.float()
-    return count / count
+    return _patcher.original(module_name, attribute)
 
 
 def _all_fp32(*tensors: torch.Tensor) -> bool:
@@ -153,11 +139,11 @@ def _aggregate(
     """OpenRLHF's ``aggregate_loss`` from fastppo's fused loss ``agg_loss(agg)``."""
     if token_level_loss:
         if batch_num_tokens is None:  # masked mean: NaN for an empty mask, as 0/0 in OpenRLHF
-            return agg_loss("token-mean") * _nan_if_zero(action_mask.sum())
+            return agg_loss("token-mean") * nan_if_zero(action_mask.sum())
         return agg_loss("token-sum") / batch_num_tokens * dp_size
     rows = (torch.atleast_2d(action_mask).sum(-1) > 0).sum()
     if global_batch_size is None:  # mean over non-empty rows: NaN when there is none
-        return agg_loss("seq-mean-token-mean") * _nan_if_zero(rows)
+        return agg_loss("seq-mean-token-mean") * nan_if_zero(rows)
     return agg_loss("seq-mean-token-mean") * rows / global_batch_size * dp_size
 
 
@@ -242,7 +228,7 @@ def policy_loss_forward(
     loss = _aggregate(
         self.token_level_loss, agg_loss, action_mask, dp_size, batch_num_tokens, global_batch_size
     )
-    empty = _nan_if_zero(action_mask.sum())  # OpenRLHF's metrics are 0/0 on an empty mask
+    empty = nan_if_zero(action_mask.sum())  # OpenRLHF's metrics are 0/0 on an empty mask
     return loss, stats["clipfrac"] * empty, stats["approx_kl"] * empty, None, None
 
 
@@ -370,16 +356,7 @@ _TARGETS = (
     (_MAKER, f"{_MAKER_CLASS}.get_advantages_and_returns", get_advantages_and_returns),
     (_MAKER, f"{_MAKER_CLASS}.get_cumulative_returns", get_cumulative_returns),
 )
-_REPLACEMENTS = tuple(replacement for _, _, replacement in _TARGETS)
-
-
-def _targets() -> list[tuple[str, str, object]]:
-    for module_name, attribute, _ in _TARGETS:
-        _original(module_name, attribute)  # remember OpenRLHF's own before it is swapped
-    return list(_TARGETS)
-
-
-_patcher = Patcher("openrlhf", _targets)
+_patcher = Patcher("openrlhf", lambda: list(_TARGETS))
 patch = _patcher.patch
 unpatch = _patcher.unpatch
 patched = _patcher.patched

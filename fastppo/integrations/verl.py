@@ -36,6 +36,7 @@ import torch
 import fastppo
 from fastppo import reference
 from fastppo.integrations._patching import Patcher
+from fastppo.integrations._peer_numerics import nan_if_zero
 
 _CORE = "verl.trainer.ppo.core_algos"
 _TORCH_FUNCTIONAL = "verl.utils.torch_functional"
@@ -71,13 +72,6 @@ def _rows(loss_mask: torch.Tensor) -> torch.Tensor:
     return (torch.atleast_2d(loss_mask).sum(-1) > 0).sum()
 
 
-def _nan_if_zero(count: torch.Tensor) -> torch.Tensor:
-    """1 where ``count`` is not 0 and NaN where it is: verl's 0/0 over an empty mask, where fastppo's
-    ops give 0, without a host sync."""
-    count = count.float()
-    return count / count
-
-
 def _global_agg(
     loss_agg_mode, loss_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
 ):
@@ -91,7 +85,7 @@ def _global_agg(
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
-            return "token-mean", dp_size * _nan_if_zero(loss_mask.sum())
+            return "token-mean", dp_size * nan_if_zero(loss_mask.sum())
         return "token-sum", dp_size / batch_num_tokens
     if loss_agg_mode == "token-sum":
         return "token-sum", dp_size
@@ -102,13 +96,13 @@ def _global_agg(
         if global_batch_size is None:
             if dp_size > 1:
                 raise ValueError("global_batch_size is required when dp_size > 1")
-            return "seq-mean-token-sum", dp_size / norm * _nan_if_zero(_rows(loss_mask))
+            return "seq-mean-token-sum", dp_size / norm * nan_if_zero(_rows(loss_mask))
         return "token-sum", dp_size / global_batch_size / norm  # Σ over non-empty rows = Σ over all
     if loss_agg_mode == "seq-mean-token-mean":
         if global_batch_size is None:
             if dp_size > 1:
                 raise ValueError("global_batch_size is required when dp_size > 1")
-            return "seq-mean-token-mean", dp_size * _nan_if_zero(_rows(loss_mask))
+            return "seq-mean-token-mean", dp_size * nan_if_zero(_rows(loss_mask))
         # fastppo's mean over the R non-empty rows, times R: the sum of the row means.
         return "seq-mean-token-mean", _rows(loss_mask) * dp_size / global_batch_size
     raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}; expected one of {_AGG_MODES}")
