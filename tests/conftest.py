@@ -36,3 +36,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def loop_backend(monkeypatch):
+    """For tests of the training loops, not the kernels (their own tests run them in the
+    interpreter, far too slowly for whole training runs): CPU tensors take the PyTorch reference
+    path, and no progress bars."""
+    monkeypatch.setenv("FASTPPO_BACKEND", "torch")
+    monkeypatch.setenv("TQDM_DISABLE", "1")

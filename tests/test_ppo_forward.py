@@ -10,10 +10,7 @@ from fastppo.trainer.config import PPOConfig
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    monkeypatch.setenv("FASTPPO_BACKEND", "torch")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+pytestmark = pytest.mark.usefixtures("loop_backend")
 
 
 def rollout(cfg, models, prompts, seed=1):

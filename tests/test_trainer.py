@@ -15,13 +15,7 @@ from fastppo.trainer import checkpoint, data, evaluate, offline, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from fastppo.trainer.ppo import train
 
-
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch):
-    # The loop is under test here, not the kernels (their own tests run them in the interpreter,
-    # far too slowly for whole training runs): CPU tensors take the PyTorch reference path.
-    monkeypatch.setenv("FASTPPO_BACKEND", "torch")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+pytestmark = pytest.mark.usefixtures("loop_backend")
 
 
 def quiet(*_):
