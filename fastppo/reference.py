@@ -5,6 +5,8 @@ is written for clarity (vectorised, no Python loops over tokens) and is differen
 PyTorch's autograd. Math: ../shared/DESIGN.md §4.
 """
 
+import math
+
 import torch
 
 
@@ -78,13 +80,25 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
+def _k3(x: torch.Tensor) -> torch.Tensor:
+    """eˣ − 1 − x to a few ulp of itself. k3 ≈ x²/2 is the small difference of numbers near 1:
+    for |x| < 1/2 it is summed as x²·Σ_{n≥0} xⁿ/(n+2)! through x¹⁶/16! (truncation below 1e-19
+    relative), elsewhere as expm1(x) − x."""
+    series = torch.zeros_like(x)
+    for n in range(16, 1, -1):
+        series = series * x + 1.0 / math.factorial(n)
+    series = series * x * x
+    return torch.where(x.abs() < 0.5, series, torch.expm1(x) - x)
+
+
 def kl_penalty(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: float | None = None
 ) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference, elementwise.
 
-    With d = logp − ref_logp: k1 = d; abs = |d|; k2 = d²/2; k3 = (exp(−d) − 1) + d with −d clamped
-    to [−20, 20] before the exp. "k1+"/"k3+" have the value of k1/k3 and the gradient of k2.
+    With d = logp − ref_logp: k1 = d; abs = |d|; k2 = d²/2; k3 = exp(−d) − 1 + d with −d clamped
+    to [−20, 20] before the exp, summed as a series for |d| < 1/2 (see ``_k3``).
+    "k1+"/"k3+" have the value of k1/k3 and the gradient of k2.
     ``clamp`` c bounds the value to [−c, c] (verl uses 10 for k3).
 
     Args:
@@ -96,7 +110,9 @@ def kl_penalty(
     elif estimator == "k2":
         kl = 0.5 * d.square()
     elif estimator in ("k3", "k3+"):
-        kl = (torch.exp(torch.clamp(-d, -20.0, 20.0)) - 1.0) + d  # e − 1 first: exact near e = 1
+        # Beyond the clamp k3 goes on linearly in the excess of d (relu: no gradient term inside
+        # it, where 1 − 1 added to a small derivative would cancel it away).
+        kl = _k3(torch.clamp(-d, -20.0, 20.0)) + torch.relu(d - 20.0) - torch.relu(-d - 20.0)
     elif estimator == "abs":
         kl = d.abs()
     else:

@@ -58,6 +58,11 @@ def _group_advantages_kernel(
         tl.store(advantages_ptr + idx, adv, mask=inside)
 
 
+def _block(largest_group: int) -> int:
+    """Members per step of the one program per group, from the largest group."""
+    return min(max(triton.next_power_of_2(largest_group), 16), 1024)
+
+
 def group_advantages_fwd(
     scores: torch.Tensor, group_ids: torch.Tensor, *, method: str, eps: float
 ) -> torch.Tensor:
@@ -69,7 +74,7 @@ def group_advantages_fwd(
     sorted_ids, order = torch.sort(group_ids, stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    block = min(max(triton.next_power_of_2(int(counts.max())), 16), 1024)
+    block = _block(int(counts.max()))
     _group_advantages_kernel[(counts.numel(),)](
         scores, order, starts, counts, advantages, eps, BLOCK=block, METHOD=METHODS[method]
     )  # fmt: skip

@@ -21,6 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+#: Rows (and partial rows) per step of the one-program reduction. Fixed, so that the launch
+#: configurations are the aggregations × the ops' stat counts, all of which the tests launch.
+_REDUCE_BLOCK = 256
+
 #: Aggregation name → the code the kernels switch on.
 AGGREGATIONS = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3}
 
@@ -46,7 +50,6 @@ def _masked_agg_reduce_kernel(
     max_col,
     AGG: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -56,17 +59,16 @@ def _masked_agg_reduce_kernel(
     rows_with_tokens = tl.zeros((), tl.float32)
     sum_row_means = tl.zeros((), tl.float32)
     offs_b = tl.arange(0, BLOCK_B)
-    offs_c = tl.arange(0, BLOCK_C)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + offs_b
         row_l = tl.zeros((BLOCK_B,), tl.float32)
         row_m = tl.zeros((BLOCK_B,), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            chunks = c0 + offs_c
-            inside = (rows[:, None] < B) & (chunks[None, :] < C)
-            base = (rows[:, None].to(tl.int64) * C + chunks[None, :]) * S
-            row_l += tl.sum(tl.load(partials_ptr + base, mask=inside, other=0.0), axis=1)
-            row_m += tl.sum(tl.load(partials_ptr + base + 1, mask=inside, other=0.0), axis=1)
+        # Chunks one at a time, a vector of rows each: a (rows, chunks) tile reduced inside this
+        # loop crashes Triton 3.6's thread-locality pass (OptimizeThreadLocality, hasOneUse).
+        for c in range(0, C):
+            base = (rows.to(tl.int64) * C + c) * S
+            row_l += tl.load(partials_ptr + base, mask=rows < B, other=0.0)
+            row_m += tl.load(partials_ptr + base + 1, mask=rows < B, other=0.0)
         has = row_m > 0
         tot_l += tl.sum(row_l, axis=0)
         tot_m += tl.sum(row_m, axis=0)
@@ -155,9 +157,8 @@ def masked_agg_reduce(
         partials, loss, out, row_scale,
         B, C, S, max_col,
         AGG=AGGREGATIONS[agg],
-        BLOCK_B=min(triton.next_power_of_2(max(B, 1)), 256),
-        BLOCK_C=min(triton.next_power_of_2(max(C, 1)), 64),
-        BLOCK_N=256,
+        BLOCK_B=_REDUCE_BLOCK,
+        BLOCK_N=_REDUCE_BLOCK,
         BLOCK_S=triton.next_power_of_2(S),
         num_warps=8,
     )  # fmt: skip

@@ -63,6 +63,8 @@ def _whiten_apply_kernel(x_ptr, stats_ptr, out_ptr, N, SHIFT_MEAN: tl.constexpr,
 
 
 _BLOCK = 2048
+#: Partials per step of the one-program combine; fixed, so there is one configuration to compile.
+_STATS_BLOCK = 1024
 
 
 def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool) -> torch.Tensor:
@@ -74,7 +76,7 @@ def masked_whiten_fwd(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool) 
     stats = torch.empty(2, dtype=torch.float32, device=x.device)
     if N:
         _whiten_partials_kernel[(n_parts,)](x, mask, partials, N, BLOCK=_BLOCK, num_warps=8)
-    _whiten_stats_kernel[(1,)](partials, stats, n_parts, BLOCK_P=min(triton.next_power_of_2(n_parts), 1024))
+    _whiten_stats_kernel[(1,)](partials, stats, n_parts, BLOCK_P=_STATS_BLOCK)
     if N:
         _whiten_apply_kernel[(n_parts,)](x, stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=_BLOCK, num_warps=8)
     return out

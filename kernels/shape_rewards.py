@@ -45,6 +45,11 @@ def _shape_rewards_kernel(
         tl.store(rewards_ptr + pos, reward, mask=inside)
 
 
+def _block_t(longest: int) -> int:
+    """Tokens per step of the one program per sequence, from the longest sequence."""
+    return min(max(triton.next_power_of_2(max(longest, 1)), 16), 2048)
+
+
 def shape_rewards_fwd(
     scores: torch.Tensor,
     mask: torch.Tensor,
@@ -57,7 +62,7 @@ def shape_rewards_fwd(
     """Contiguous ``mask``/``kl`` (B, T), or (N,) with ``cu_seqlens``; ``scores`` (B,). fp32 out."""
     rewards = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
     if scores.numel() and mask.numel():
-        block_t = min(max(triton.next_power_of_2(max(longest, 1)), 16), 2048)
+        block_t = _block_t(longest)
         _shape_rewards_kernel[(scores.numel(),)](
             scores, mask, kl if kl is not None else rewards, cu_seqlens if cu_seqlens is not None else scores,
             rewards, kl_coef, mask.shape[-1] if cu_seqlens is None else 0,

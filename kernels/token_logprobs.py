@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 # Finite start for the running max: keeps (m_old − m_new)·s and e·(z − m) free of inf − inf.
-_NEG_BIG = -1.0e30
+# A kernel may read a global only when it is a tl.constexpr (the interpreter forgives the rest).
+_NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -26,7 +27,7 @@ def _token_logprobs_fwd_kernel(
     logp_ptr,
     entropy_ptr,
     lse_ptr,
-    inv_temperature,
+    inv_temperature: tl.float64,
     ignore_index,
     V,
     K,
@@ -38,6 +39,8 @@ def _token_logprobs_fwd_kernel(
     ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    # 1/τ arrives as fp64 (a plain Python float would be rounded to fp32 at the launch).
+    inv_t = tl.full((), inv_temperature, ACC_DTYPE)
     logits_row = logits_ptr + (row // ROWS_INNER) * stride_outer + (row % ROWS_INNER) * stride_inner
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -56,7 +59,7 @@ def _token_logprobs_fwd_kernel(
     for v0 in range(0, v_stop, BLOCK_V):
         cols = v0 + offs_v
         x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf"))
-        z = x.to(ACC_DTYPE) * inv_temperature
+        z = x.to(ACC_DTYPE) * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = z - m_new
         e = tl.exp(shift)
@@ -73,7 +76,7 @@ def _token_logprobs_fwd_kernel(
     entropy = tl.where(active, log_s - u / s, 0.0)
 
     x_y = tl.load(logits_row + labels, mask=counted & in_vocab, other=0.0)
-    logp = x_y.to(ACC_DTYPE) * inv_temperature - lse
+    logp = x_y.to(ACC_DTYPE) * inv_t - lse
     # Out-of-vocabulary labels are never read; they give NaN (the Python layer rejects them first).
     logp = tl.where(counted, tl.where(in_vocab, logp, float("nan")), 0.0)
 
@@ -91,7 +94,7 @@ def _token_logprobs_bwd_kernel(
     grad_logp_ptr,
     grad_entropy_ptr,
     grad_logits_ptr,
-    inv_temperature,
+    inv_temperature: tl.float64,
     ignore_index,
     V,
     K,
@@ -107,6 +110,7 @@ def _token_logprobs_bwd_kernel(
     ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.full((), inv_temperature, ACC_DTYPE)
     row_outer = row // ROWS_INNER
     row_inner = row % ROWS_INNER
     logits_row = logits_ptr + row_outer * stride_outer + row_inner * stride_inner
@@ -136,7 +140,7 @@ def _token_logprobs_bwd_kernel(
         cols = v0 + offs_v
         x = tl.load(logits_row + cols, mask=cols < v_stop, other=float("-inf"))
         # Clamped so that p = 0 (a −inf logit, or an unread row) gives 0·finite, never 0·inf.
-        logp_j = tl.maximum(x.to(ACC_DTYPE) * inv_temperature - lse, _NEG_BIG)
+        logp_j = tl.maximum(x.to(ACC_DTYPE) * inv_t - lse, _NEG_BIG)
         p = tl.exp(logp_j)
         coef = g_sum
         if HAS_GRAD_ENTROPY:
@@ -148,7 +152,7 @@ def _token_logprobs_bwd_kernel(
                 y = tl.load(labels_ptr + row * K + k).to(tl.int64)
                 g = tl.load(grad_logp_ptr + row * K + k).to(ACC_DTYPE)
                 grad += tl.where((cols == y) & (y != ignore_index), g, 0.0)
-        tl.store(grad_row + cols, grad * inv_temperature, mask=cols < V)
+        tl.store(grad_row + cols, grad * inv_t, mask=cols < V)
 
 
 def _row_addressing(logits: torch.Tensor) -> tuple[int, int, int] | None:

@@ -15,6 +15,25 @@ import pytest  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 HAS_CUDA = torch.cuda.is_available()
+#: FASTPPO_RECORD_LAUNCHES=<file>: record every launch of fastppo's kernels for the compile gate
+#: (``python -m fastppo.kernels.compile_check --launches <file>`` compiles them for sm_90/sm_80);
+#: the kernels written to fail in compile_fixtures/ are left out.
+RECORD_LAUNCHES = os.environ.get("FASTPPO_RECORD_LAUNCHES")
+
+
+def pytest_configure(config):
+    if RECORD_LAUNCHES and INTERPRET:
+        from fastppo.kernels.compile_check import LaunchRecorder
+
+        config._launch_recorder = LaunchRecorder(module_prefix="fastppo.")
+        config._launch_recorder.start()
+
+
+def pytest_unconfigure(config):
+    recorder = getattr(config, "_launch_recorder", None)
+    if recorder is not None:
+        recorder.stop()
+        recorder.save(RECORD_LAUNCHES)
 
 
 @pytest.fixture

@@ -461,6 +461,54 @@ def test_main_trainers_do_not_call_these_functions():
 # --- CUDA: TRL's Triton kernel path ---------------------------------------------------------------
 
 
+def fp32_gradient_bound(logits, index, weights, temperature):
+    """What fp32 can promise, per element, for ∂/∂logits of Σ w·logp + Σ w_H·entropy (K = 1):
+    ∂_j = (1[j = y]·w − p_j·w − w_H·p_j·(log p_j + H)) / τ. Each term is good to a few eps of its
+    own size times the size of what it is computed from: p_j = exp(z_j − lse) carries the error
+    of z_j − lse, and lse and H are sums over V terms, whose fp32 summation error grows like
+    √V·eps (PyTorch's CPU log_softmax in fp32 reaches 6·eps·scale at V = 50,257; fastppo's
+    tile-tree sums 1.5). A wrong term (a sign, the temperature, the entropy part) is off by its
+    own size, ~1e3 times this bound."""
+    z = logits.double() / temperature
+    logp_all = torch.log_softmax(z, -1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all).sum(-1, keepdim=True)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    w, w_h = weights[0].double()[..., None].abs(), weights[1].double()[..., None].abs()
+    onehot = torch.nn.functional.one_hot(index, logits.shape[-1]).double()
+    size = 1 + z.abs() + lse.abs() + entropy
+    scale = onehot * w + p * (w + w_h * ((logp_all + entropy).abs() + 1)) * size
+    return math.sqrt(logits.shape[-1]) * torch.finfo(torch.float32).eps * scale / temperature
+
+
+def test_fp32_gradient_bound_holds_on_cpu_and_catches_a_dropped_term():
+    """The bound of the CUDA test below, checked where it can be here: the adapter (kernel in the
+    interpreter) and TRL's own CPU functions against fp64, and a gradient without its entropy part."""
+    logits, index, _ = _inputs((2, 33, 50257), torch.float32)
+    logits, index = logits[:, :-1], index[:, :-1]
+    g = torch.Generator().manual_seed(1)
+    weights = torch.randn(index.shape, generator=g), torch.randn(index.shape, generator=g)
+    bound = fp32_gradient_bound(logits, index, weights, 0.7)
+
+    def grad(fn, dtype, entropy_weight=1.0):
+        x = logits.detach().to(dtype).clone().requires_grad_()
+        logp, entropy = fn(x)
+        (
+            (logp * weights[0].to(dtype)).sum() + entropy_weight * (entropy * weights[1].to(dtype)).sum()
+        ).backward()
+        return x.grad.double()
+
+    ours = lambda x: adapter.selective_log_softmax_and_entropy(x, index, temperature=0.7)  # noqa: E731
+    theirs = lambda x: (  # noqa: E731
+        trl_utils.selective_log_softmax(x / 0.7, index),
+        trl_utils.entropy_from_logits(x / 0.7),
+    )
+    exact = grad(ours, torch.float64)
+    for fn in (ours, theirs):
+        assert ((grad(fn, torch.float32) - exact).abs() <= bound).all()
+    assert ((grad(ours, torch.float32, entropy_weight=0.0) - exact).abs() > 100 * bound).any()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "row_mask"])
@@ -479,9 +527,24 @@ def test_cuda_matches_trl_kernel(dtype, masked):
     (*ours, ours_grad), (*theirs, theirs_grad) = results
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    # both compute the gradient in fp32 and round it once to the logits' dtype
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(ours_grad, theirs_grad, rtol=2 * eps, atol=2 * eps * 4 / 0.7)
+    if dtype == torch.float32:
+        # Each against fp64 (on the CPU reference), within what fp32 can promise; the message says
+        # which of the two is closer.
+        x64 = logits.detach().cpu().double().requires_grad_()
+        logp, entropy = adapter.selective_log_softmax_and_entropy(
+            x64, index.cpu(), temperature=0.7, row_mask=None if row_mask is None else row_mask.cpu()
+        )
+        ((logp * weights[0].cpu()).sum() + (entropy * weights[1].cpu()).sum()).backward()
+        bound = fp32_gradient_bound(logits.cpu(), index.cpu(), [w.cpu() for w in weights], 0.7)
+        worst = {
+            name: ((grad.cpu().double() - x64.grad).abs() / bound).max().item()
+            for name, grad in (("fastppo", ours_grad), ("trl", theirs_grad))
+        }
+        assert max(worst.values()) <= 1.0, f"largest error / fp32 bound: {worst}"
+    else:
+        # both compute the gradient in fp32 and round it once to the logits' dtype
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(ours_grad, theirs_grad, rtol=2 * eps, atol=2 * eps * 4 / 0.7)
     for fn in (adapter.selective_log_softmax, trl_utils.selective_log_softmax):
         assert fn(logits, index, row_mask=row_mask).dtype == torch.float32
     for fn in (adapter.entropy_from_logits, trl_utils.entropy_from_logits):
