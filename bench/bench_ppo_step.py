@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from bench.harness import Benchmark
 from fastppo.trainer import ppo
 from fastppo.trainer.config import PPOConfig
+from fastppo.trainer.rollout import Rollout
 
 OP = "ppo_step"
 OPS = (OP,)
@@ -61,7 +62,7 @@ def backend(name: str):
             os.environ["FASTPPO_BACKEND"] = previous
 
 
-def rollout_batch(B: int, P: int, R: int, vocab: int, device) -> dict:
+def rollout_batch(B: int, P: int, R: int, vocab: int, device) -> Rollout:
     """What a rollout hands the update: full sequences, responses of random length (at least
     half of R), and the log-probs and advantages the loss compares against."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -70,10 +71,12 @@ def rollout_batch(B: int, P: int, R: int, vocab: int, device) -> dict:
     response_mask = torch.arange(R, device=device)[None, :] < lengths[:, None]
     attention_mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), response_mask], 1)
     old_logp = -torch.rand(B, R, device=device, generator=g) * 5
-    return dict(
+    return Rollout(
         sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
-        labels=torch.where(response_mask, sequences[:, P:], -100), prompt_len=P,
-        old_logp=old_logp, ref_logp=old_logp + 0.1 * torch.randn(B, R, device=device, generator=g),
+        truncated=torch.zeros(B, dtype=torch.bool, device=device),
+        group_ids=torch.arange(B, device=device) // 2,
+        scores=torch.zeros(B, device=device), old_logp=old_logp,
+        ref_logp=old_logp + 0.1 * torch.randn(B, R, device=device, generator=g), values=None,
         advantages=torch.randn(B, 1, device=device, generator=g).expand(B, R).contiguous(),
     )  # fmt: skip
 
@@ -86,14 +89,20 @@ def _setup(provider: str, shape: tuple[int, int, int], quick: bool, device):
         policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
         cfg = PPOConfig(algo="grpo", group_size=2, kl_coef=KL_COEF, entropy_coef=0.01, padding_free=False)
-        data = rollout_batch(B, P, R, config.vocab_size, device)
-        everything = torch.arange(B, device=device)
-        n_tokens = int(data["response_mask"].sum())
+        batch = rollout_batch(B, P, R, config.vocab_size, device)
+        n_tokens = int(batch.response_mask.sum())
 
         def step():
             with backend("torch" if provider == "torch" else "auto"):
                 loss, *_ = ppo.micro_batch_losses(
-                    cfg, policy, None, data, everything, n_tokens, KL_COEF, torch.device(device)
+                    cfg,
+                    policy,
+                    None,
+                    batch,
+                    kl_coef=KL_COEF,
+                    normaliser=n_tokens,
+                    n_tokens=n_tokens,
+                    device=torch.device(device),
                 )
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -1,8 +1,8 @@
 """The ``fastppo`` command.
 
 - ``fastppo env``: versions, devices, the active backend and whether fastppo._C is built.
-- ``fastppo train ppo|grpo|rloo|dpo|rm|sft [FILE] [--field value ...]``: train (FILE: a JSON or
-  YAML config; flags override it).
+- ``fastppo train PRESET|dpo|rm|sft [FILE] [--field value ...]``: train (FILE: a JSON or YAML
+  config; flags override it). ``fastppo train --help`` lists the presets.
 - ``fastppo eval --policy DIR [...]``: reward, KL, length and diversity on held-out prompts.
 """
 
@@ -57,12 +57,43 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
-ONLINE = {"ppo": {}, "grpo": {"algo": "grpo", "group_size": 8}, "rloo": {"algo": "rloo", "group_size": 8}}
-OFFLINE = ("dpo", "rm", "sft")
+OFFLINE = {
+    "sft": "supervised fine-tuning, the loss on response tokens only (rows: prompt, response)",
+    "rm": "reward model, −log σ(r_chosen − r_rejected) (rows: prompt, chosen, rejected)",
+    "dpo": "direct preference optimisation against a frozen reference (rows: prompt, chosen, rejected)",
+}
 
 
-def parse_train_config(algo: str, argv: list[str]):
-    """The config of ``algo`` from an optional JSON/YAML file and command-line flags (flags win)."""
+def presets():
+    from fastppo.trainer.algorithms import PRESETS
+
+    return PRESETS
+
+
+def train_usage() -> str:
+    """What ``fastppo train --help`` prints: every preset and offline loop, one line each."""
+    lines = ["usage: fastppo train NAME [CONFIG.json|yaml] [--field value ...]", "", "online presets:"]
+    lines += [f"  {name:<12} {preset.summary}" for name, preset in presets().items()]
+    lines += ["", "offline loops:"] + [f"  {name:<12} {summary}" for name, summary in OFFLINE.items()]
+    lines += ["", "`fastppo train NAME --help` lists NAME's flags."]
+    return "\n".join(lines)
+
+
+def _group_flags(parser) -> None:
+    """Move the flags of PPOConfig's fields into the help sections of ``config.SECTIONS``."""
+    from fastppo.trainer.config import SECTIONS
+
+    section_of = {name: section for section, names in SECTIONS.items() for name in names}
+    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
+    default = parser._action_groups[1]  # argparse's "options" section
+    for action in list(default._group_actions):
+        if action.dest in section_of:
+            default._group_actions.remove(action)
+            groups[section_of[action.dest]]._group_actions.append(action)
+
+
+def parse_train_config(name: str, argv: list[str]):
+    """The config of ``name`` from an optional JSON/YAML file and command-line flags (flags win)."""
     import json
 
     import yaml
@@ -71,8 +102,12 @@ def parse_train_config(algo: str, argv: list[str]):
     from fastppo.trainer import config
 
     classes = {"dpo": config.DPOConfig, "rm": config.RMConfig, "sft": config.SFTConfig}
-    parser = HfArgumentParser(classes.get(algo, config.PPOConfig), prog=f"fastppo train {algo}")
-    parser.set_defaults(**ONLINE.get(algo, {}))
+    dataclass_type = classes.get(name, config.PPOConfig)
+    description = OFFLINE.get(name) or presets()[name].summary
+    parser = HfArgumentParser(dataclass_type, prog=f"fastppo train {name}", description=description)
+    if name not in OFFLINE:
+        parser.set_defaults(algo=name)
+        _group_flags(parser)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         path, argv = argv[0], argv[1:]
         with open(path) as f:
@@ -92,7 +127,7 @@ def train_command(algo: str, argv: list[str]) -> int:
     except ValueError as exc:  # a bad value, named by the config's checks
         print(f"fastppo train {algo}: {exc}", file=sys.stderr)
         return 2
-    if algo in ONLINE:
+    if algo not in OFFLINE:
         import torch.distributed as dist
 
         from fastppo.trainer.ppo import train
@@ -139,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastppo", description="fastppo: fused RL fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, devices, the active backend and the extension's status")
-    train = sub.add_parser("train", help="train a policy (see `fastppo train ppo --help`)", add_help=False)
-    train.add_argument("algo", choices=[*ONLINE, *OFFLINE])
+    train = sub.add_parser("train", help="train a policy (see `fastppo train --help`)", add_help=False)
+    train.add_argument("algo", nargs="?", choices=[*presets(), *OFFLINE])
     sub.add_parser("eval", help="evaluate a policy (see `fastppo eval --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "eval":
@@ -150,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print(env_report())
         return 0
+    if args.algo is None:
+        print(train_usage())
+        return 0 if rest and rest[0] in ("-h", "--help") else 2
     return train_command(args.algo, rest)
 
 

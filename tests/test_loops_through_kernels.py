@@ -16,7 +16,7 @@ import torch
 from fastppo.kernels import INTERPRETED
 from fastppo.kernels.compile_check import recording
 
-from fastppo.trainer import offline, ppo
+from fastppo.trainer import offline, ppo, rollout, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig
 from fastppo.trainer.ppo import train
 
@@ -71,32 +71,38 @@ def test_one_update_matches_the_reference_path(algo, group_size, device, tmp_pat
         algo=algo, group_size=group_size, max_new_tokens=6, temperature=0.7, kl_coef=0.05, entropy_coef=0.01,
         device=device, padding_free=False, output_dir=str(tmp_path),
     )  # fmt: skip
-    _, policy, reference, critic = models = ppo.load_models(cfg, "sdpa")
+    tokenizer, policy, reference, critic = ppo.load_models(cfg, "sdpa")
     for model in (policy, reference, critic):
         if model is not None:
             model.to(device)
-    prompts = ppo.tiny.synthetic_prompts(12 // group_size, seed=3)
+    prompts = tiny.synthetic_prompts(12 // group_size, seed=3)
     dev = torch.device(device)
     results = {}
     for backend in BACKENDS:
         monkeypatch.setenv("FASTPPO_BACKEND", backend)
         torch.manual_seed(1)  # the same samples on both paths
-        data = ppo.rollout(
-            cfg, policy, reference, critic, models[0], prompts, ppo.tiny.echo_reward, 0.05, dev
-        )
+        batch = rollout.collect(
+            policy, reference, critic, tokenizer, prompts, tiny.echo_reward, dev, group_size=group_size,
+            max_new_tokens=6, temperature=0.7, top_p=1.0, padding_free=False,
+        )  # fmt: skip
+        batch = ppo.with_advantages(cfg, batch, ppo.kept_for_update(cfg, batch), kl_coef=0.05)
         for model in (policy, critic):
             if model is not None:
                 model.zero_grad()
-        idx = torch.tensor([0, 3, 4, 7, 11])
-        loss, *_ = ppo.micro_batch_losses(cfg, policy, critic, data, idx, 40, 0.05, dev)
+        micro = batch.select(torch.tensor([0, 3, 4, 7, 11], device=dev))
+        loss, *_ = ppo.micro_batch_losses(
+            cfg, policy, critic, micro, kl_coef=0.05, normaliser=40, n_tokens=40, device=dev
+        )
         loss.backward()
         grads = [p.grad.clone() for m in (policy, critic) if m is not None for p in m.parameters()]
-        results[backend] = (data, loss.detach(), grads)
-    (data, loss, grads), (ref_data, ref_loss, ref_grads) = results["triton"], results["torch"]
-    assert torch.equal(data["sequences"], ref_data["sequences"])
-    for key in ("old_logp", "ref_logp", "values", "advantages", "returns", "kl"):
-        if data[key] is not None:
-            torch.testing.assert_close(data[key], ref_data[key], atol=1e-5, rtol=1e-5, msg=key)
+        results[backend] = (batch, loss.detach(), grads)
+    (batch, loss, grads), (ref_batch, ref_loss, ref_grads) = results["triton"], results["torch"]
+    assert torch.equal(batch.sequences, ref_batch.sequences)
+    for key in ("old_logp", "ref_logp", "values", "advantages", "returns"):
+        if getattr(batch, key) is not None:
+            torch.testing.assert_close(
+                getattr(batch, key), getattr(ref_batch, key), atol=1e-5, rtol=1e-5, msg=key
+            )
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     for g, ref_g in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref_g, atol=1e-6, rtol=1e-4)

@@ -1,4 +1,5 @@
-"""Configuration of ``fastppo train ppo|grpo``: one dataclass, every field documented.
+"""Configuration of ``fastppo train <preset>`` and the offline loops: dataclasses, every field
+documented and placed in a section of the ``--help``.
 
 Parsed by transformers' ``HfArgumentParser``: fields are command-line flags (``--lr 1e-3``) and
 can come from a JSON or YAML file (``fastppo train ppo run.yaml``). Bad values fail at start.
@@ -8,7 +9,20 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ALGOS = ("ppo", "grpo", "rloo")
+#: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
+SECTIONS = {
+    "model": "policy critic attention padding_free".split(),
+    "data": "prompts reward".split(),
+    "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
+                "dynamic_sampling").split(),
+    "algorithm": ("algo advantage policy_loss loss_agg kl_coef kl_estimator kl_in kl_target kl_horizon "
+                  "ppo_epochs clip_low clip_high dual_clip value_clip value_coef gamma lam entropy_coef "
+                  "whiten_advantages").split(),
+    "optimisation": ("iterations minibatch_size max_tokens_per_microbatch lr critic_lr lr_scheduler "
+                     "warmup_steps max_grad_norm max_nonfinite_steps seed").split(),
+    "logging": "output_dir resume save_every".split(),
+    "distributed": "device fsdp".split(),
+}  # fmt: skip
 
 
 def _help(text: str, **kwargs):
@@ -17,7 +31,10 @@ def _help(text: str, **kwargs):
 
 @dataclass
 class PPOConfig:
-    # What to train and where.
+    """`fastppo train <preset>`: PPO and the critic-free methods. ``algo`` names a preset
+    (fastppo.trainer.algorithms.PRESETS); a field left unset (None) takes the preset's value."""
+
+    # Model.
     policy: str | None = _help(
         "Path of a Hugging Face causal LM to train (loaded offline). "
         "Default: a tiny Qwen2 built from a config.",
@@ -27,25 +44,6 @@ class PPOConfig:
         "Path of a token-classification model (num_labels=1) to use as critic. "
         "Default: the policy's backbone with a fresh value head (or a tiny one).",
         default=None,
-    )
-    reward: str = _help(
-        "'echo' (the built-in synthetic task), 'module:function' (a Python function taking "
-        "(prompts, responses) and returning scores) or the path of a sequence-classification reward model.",
-        default="echo",
-    )
-    prompts: str | None = _help(
-        "JSONL file with a 'prompt' field per line. Default: synthetic prompts of the built-in task.",
-        default=None,
-    )
-    output_dir: str = _help("Where checkpoints, metrics.jsonl and logs go.", default="fastppo-runs/ppo")
-    resume: bool = _help("Continue from the latest checkpoint in output_dir.", default=False)
-    seed: int = _help("Seed of every random generator.", default=0)
-    device: str = _help(
-        "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
-    )
-    fsdp: bool = _help(
-        "Under torchrun, shard the policy and critic with FSDP2 (fully_shard per decoder layer), not DDP.",
-        default=False,
     )
     attention: str = _help(
         "transformers attn_implementation of the policy and critic: 'auto' (flash_attention_2 on a GPU "
@@ -60,66 +58,126 @@ class PPOConfig:
         default=None,
     )
 
-    # Algorithm.
-    algo: str = _help(f"One of {ALGOS}: PPO with a critic, or critic-free group baselines.", default="ppo")
-    iterations: int = _help("Rollout-and-update iterations.", default=200)
+    # Data.
+    prompts: str | None = _help(
+        "JSONL or Parquet file with a 'prompt' per row. Default: synthetic prompts of the built-in task.",
+        default=None,
+    )
+    reward: str = _help(
+        "'echo' (the built-in synthetic task), 'module:function' (a Python function taking "
+        "(prompts, responses) and returning scores) or the path of a sequence-classification reward model.",
+        default="echo",
+    )
+
+    # Rollout.
     batch_size: int = _help("Sequences per iteration (prompts × group_size).", default=128)
-    group_size: int = _help("Responses sampled per prompt (grpo/rloo; 1 for ppo).", default=1)
+    group_size: int | None = _help(
+        "Responses sampled per prompt (preset: 1 for ppo/reinforce++, 8 else).", default=None
+    )
     max_new_tokens: int = _help("Longest response.", default=8)
     temperature: float = _help("Sampling temperature (also used for the training log-probs).", default=1.0)
     top_p: float = _help("Nucleus sampling threshold.", default=1.0)
+    drop_truncated: bool | None = _help(
+        "Leave responses without an EOS (cut at max_new_tokens) out of the update (preset: dapo).",
+        default=None,
+    )
+    dynamic_sampling: bool = _help(
+        "Leave groups whose scores are all equal out of the update (DAPO's dynamic sampling; they have no "
+        "advantage to learn from).",
+        default=False,
+    )
+
+    # Algorithm.
+    algo: str = _help("The preset: ppo, grpo, dr_grpo, rloo, reinforce++ or dapo.", default="ppo")
+    advantage: str | None = _help(
+        "Advantage estimator: gae, grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (preset's).",
+        default=None,
+    )
+    policy_loss: str = _help("Policy loss (fastppo.trainer.algorithms.POLICY_LOSSES).", default="ppo-clip")
+    loss_agg: str | None = _help(
+        "How token losses of a mini-batch are averaged: token-mean, seq-mean-token-mean or "
+        "seq-mean-token-sum-norm (default token-mean; dr_grpo's preset: seq-mean-token-sum-norm).",
+        default=None,
+    )
+    kl_coef: float | None = _help("KL penalty coefficient (default 0.01; dapo: 0).", default=None)
+    kl_estimator: str | None = _help(
+        "KL estimator: k1, k2, k3 or abs (preset: k1 in rewards, k3 in loss).", default=None
+    )
+    kl_in: str | None = _help(
+        "Where the KL penalty goes: 'reward' (shaped into the per-token rewards) or 'loss' (a term of the "
+        "policy loss); preset's.",
+        default=None,
+    )
+    kl_target: float | None = _help("Adaptive KL controller target (off when unset).", default=None)
+    kl_horizon: int = _help("Adaptive KL controller horizon in sequences.", default=10000)
     ppo_epochs: int = _help("Passes over each rollout batch.", default=2)
+    clip_low: float = _help("PPO ratio clip below 1.", default=0.2)
+    clip_high: float | None = _help("PPO ratio clip above 1 (default: clip_low; dapo: 0.28).", default=None)
+    dual_clip: float | None = _help("Dual clip c > 1 for negative advantages (off by default).", default=None)
+    value_clip: float = _help("Value loss clip around the old values.", default=0.2)
+    value_coef: float = _help("Weight of the value loss (it trains the critic only).", default=0.5)
+    gamma: float = _help("Discount.", default=1.0)
+    lam: float = _help("GAE lambda.", default=0.95)
+    entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
+
+    # Optimisation.
+    iterations: int = _help("Rollout-and-update iterations.", default=200)
     minibatch_size: int = _help("Sequences per optimizer step.", default=64)
     max_tokens_per_microbatch: int = _help(
         "Token budget of a micro-batch (gradient accumulation).", default=4096
     )
     lr: float = _help("Policy learning rate.", default=3e-3)
     critic_lr: float = _help("Critic learning rate.", default=3e-3)
-    lr_scheduler: str = _help(
-        "A transformers scheduler name (linear, cosine, constant, ...).", default="constant"
-    )
+    lr_scheduler: str = _help("A transformers scheduler (linear, cosine, constant, ...).", default="constant")
     warmup_steps: int = _help("Scheduler warm-up in optimizer steps.", default=0)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
-    clip_low: float = _help("PPO ratio clip below 1.", default=0.2)
-    clip_high: float | None = _help("PPO ratio clip above 1 (default: clip_low).", default=None)
-    dual_clip: float | None = _help("Dual clip c > 1 for negative advantages (off by default).", default=None)
-    value_clip: float = _help("Value loss clip around the old values.", default=0.2)
-    value_coef: float = _help("Weight of the value loss (it trains the critic only).", default=0.5)
-    gamma: float = _help("Discount.", default=1.0)
-    lam: float = _help("GAE lambda.", default=0.95)
-    kl_coef: float = _help(
-        "KL penalty coefficient (in the reward for ppo, in the loss for grpo/rloo).", default=0.01
+    max_nonfinite_steps: int = _help("Stop after this many non-finite steps in a row.", default=3)
+    seed: int = _help("Seed of every random generator.", default=0)
+
+    # Logging and checkpoints.
+    output_dir: str | None = _help(
+        "Checkpoints, metrics.jsonl and logs (default fastppo-runs/<algo>).", default=None
     )
-    kl_target: float | None = _help("Adaptive KL controller target (off when unset).", default=None)
-    kl_horizon: int = _help("Adaptive KL controller horizon in sequences.", default=10000)
-    entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
-    whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
-    drop_truncated: bool = _help(
-        "Leave responses without an EOS (cut at max_new_tokens) out of the update.", default=False
-    )
+    resume: bool = _help("Continue from the latest checkpoint in output_dir.", default=False)
     save_every: int = _help("Checkpoint every N iterations (0: only at the end).", default=0)
-    max_nonfinite_steps: int = _help("Stop after this many skipped (non-finite) steps in a row.", default=3)
+
+    # Devices and processes.
+    device: str = _help(
+        "'auto' (CUDA when there is one, bf16 autocast), 'cpu' or 'cuda[:i]'.", default="auto"
+    )
+    fsdp: bool = _help(
+        "Under torchrun, shard the policy and critic with FSDP2 (fully_shard per decoder layer), not DDP.",
+        default=False,
+    )
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        positive = [
-            "iterations",
-            "batch_size",
-            "group_size",
-            "max_new_tokens",
-            "ppo_epochs",
-            "minibatch_size",
-            "max_tokens_per_microbatch",
-            "lr",
-            "critic_lr",
-            "temperature",
-            "max_grad_norm",
-            "clip_low",
-            "value_clip",
-            "kl_horizon",
-            "max_nonfinite_steps",
-        ]
+        from fastppo.trainer.algorithms import ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES, PRESETS
+
+        _one_of("algo", self.algo, PRESETS)
+        for name, value in PRESETS[self.algo].defaults.items():  # the preset fills what is unset
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name, value in dict(kl_coef=0.01, loss_agg="token-mean", drop_truncated=False).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.output_dir is None:
+            self.output_dir = f"fastppo-runs/{self.algo}"
+        _one_of("advantage", self.advantage, ADVANTAGES)
+        _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _one_of("loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        _one_of("kl_estimator", self.kl_estimator, ("k1", "k2", "k3", "abs"))
+        _one_of("kl_in", self.kl_in, ("reward", "loss"))
+        estimator = ADVANTAGES[self.advantage]
+        if self.kl_in == "reward" and not estimator.token_rewards and self.kl_coef > 0:
+            raise ValueError(
+                f"kl_in: advantage {self.advantage} scores whole responses; put the KL in the loss"
+            )
+        positive = (
+            "iterations batch_size group_size max_new_tokens ppo_epochs minibatch_size "
+            "max_tokens_per_microbatch lr critic_lr temperature max_grad_norm clip_low value_clip "
+            "kl_horizon max_nonfinite_steps"
+        ).split()
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -133,14 +191,19 @@ class PPOConfig:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
         if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0:
             raise ValueError("kl_coef, warmup_steps and save_every must be >= 0")
-        if self.algo != "ppo" and self.group_size < 2:
+        if (estimator.needs_groups or self.dynamic_sampling) and self.group_size < 2:
             raise ValueError(
-                f"{self.algo} needs group_size >= 2 (responses per prompt), got {self.group_size}"
+                f"{self.advantage} needs group_size >= 2 (responses per prompt), got {self.group_size}"
             )
         for name in ("policy", "critic", "prompts"):
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{name}: no such file or folder: {path}")
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastppo
 from fastppo.trainer import runtime, tiny
-from fastppo.trainer.ppo import encode_prompts, ends_at_eos, load_reward, predicting_outputs
+from fastppo.trainer.rollout import generate, load_reward, to_padded, token_logprobs_of
 
 
 def _help(text: str, **kwargs):
@@ -78,36 +78,26 @@ def evaluate(cfg: EvalConfig) -> dict:
             prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: cfg.n_prompts]
     else:
         prompts = tiny.synthetic_prompts(cfg.n_prompts, cfg.seed)  # another seed than training's
-    reward_fn = load_reward(cfg, tokenizer)
+    reward_fn = load_reward(cfg.reward, tokenizer)
     tau = cfg.temperature if cfg.temperature > 0 else 1.0
-    sample = dict(do_sample=True, temperature=cfg.temperature, top_k=0) if cfg.temperature > 0 else {}
     scores, kls, lengths, responses = [], [], [], []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
-        P = prompt_ids.shape[1]
-        with runtime.autocast(device):
-            sequences = policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sample,
-            )  # fmt: skip
-        out = sequences[:, P:]
-        mask = ends_at_eos(out, tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(
-            torch.where(mask, out, tokenizer.pad_token_id), skip_special_tokens=True
-        )
-        scores += list(reward_fn(chunk, texts))
+        samples = generate(policy, tokenizer, chunk, device, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature)  # fmt: skip
+        mask = samples.response_mask
+        scores += list(reward_fn(chunk, samples.texts))
         lengths += mask.sum(1).tolist()
+        out = samples.sequences[:, -mask.shape[1] :]
         responses += [row[m].tolist() for row, m in zip(out, mask, strict=True)]
         if reference is not None:
-            attention = torch.cat([prompt_mask.bool(), mask], 1)
-            labels = torch.where(mask, out, -100)
-            scored = dict(sequences=sequences, attention_mask=attention, labels=labels)
-            logp, ref_logp = (
-                fastppo.token_logprobs(*predicting_outputs(m, device, scored, P, False)[:2], temperature=tau)
-                for m in (policy, reference)
-            )
-            kls += fastppo.kl_penalty(logp, ref_logp, "k1").sum(1).tolist()
+            tokens = samples.tokens(padding_free=False)
+            with runtime.autocast(device):
+                logp, ref_logp = (
+                    token_logprobs_of(m, tokens, temperature=tau)[0] for m in (policy, reference)
+                )
+            kl = fastppo.kl_penalty(to_padded(logp, mask), to_padded(ref_logp, mask), "k1")
+            kls += kl.sum(1).tolist()
     result = {
         "prompts": len(prompts),
         "reward": sum(scores) / len(scores),

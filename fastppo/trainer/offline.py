@@ -21,10 +21,10 @@ from transformers import (
 )
 
 import fastppo
-from fastppo import packing
 from fastppo.trainer import checkpoint, data, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.metrics import MetricsWriter
+from fastppo.trainer.rollout import TokenBatch, token_logprobs_of
 
 
 def load_tokenizer(cfg: OfflineConfig):
@@ -45,26 +45,22 @@ def load_causal_lm(cfg: OfflineConfig, tokenizer):
 
 
 def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> torch.Tensor:
-    """(B,) log-probability of each row's response tokens: a masked sum of token log-probs.
+    """(B,) log-probability of each row's response tokens (``labels`` != -100): a sum of token
+    log-probs, through the loops' one model-to-log-probs path (``rollout.token_logprobs_of``).
 
     ``padding_free`` (default: when the model runs flash-attn's ``flash_attention_2``) packs the
     rows' real tokens into one row, position ids restarting at each sequence, so that no compute
-    goes to padding; the per-row sums are then segment sums over the packed tokens.
+    goes to padding.
     """
     if padding_free is None:
-        padding_free = runtime.varlen_attention(model.config._attn_implementation)
-    if not padding_free:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = fastppo.token_logprobs(logits[:, :-1], batch["labels"][:, 1:])  # 0 where the label is -100
-        return logp.sum(-1)
-    layout = packing.unpad(batch["attention_mask"])
-    # Each token's label is the next token's, -100 past the end of its row (and on padding).
+        padding_free = runtime.varlen_attention(runtime.unwrap(model).config._attn_implementation)
+    # Each position's label is the next token's, -100 past the end of its row (and on padding).
     next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    logp = fastppo.token_logprobs(
-        runtime.packed_logits(model, batch["input_ids"], layout), packing.pack(next_labels, layout)
+    tokens = TokenBatch.build(
+        batch["input_ids"], batch["attention_mask"], next_labels, padding_free=padding_free
     )
-    rows = layout.indices // layout.shape[1]  # each packed token's row
-    return torch.zeros(layout.shape[0], dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
+    logp, _ = token_logprobs_of(model, tokens, temperature=1.0)
+    return tokens.row_sums(logp)
 
 
 # --------------------------------------------------------------------------------------------

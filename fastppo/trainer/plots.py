@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-CURVES = ("reward", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "loss", "accuracy", "eval_loss",
+CURVES = ("reward", "kl", "entropy", "response_length", "policy_loss", "value_loss", "explained_variance",
+          "clipfrac", "clipfrac_lower", "approx_kl", "approx_kl_k3", "loss", "accuracy", "eval_loss",
           "eval_accuracy")  # fmt: skip
 
 

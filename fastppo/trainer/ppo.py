@@ -1,46 +1,45 @@
-"""PPO (with a critic) and GRPO / RLOO (critic-free) on Hugging Face causal LMs, top to bottom.
+"""PPO and the critic-free presets (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO) on Hugging Face
+causal LMs, top to bottom:
 
-Each iteration: sample prompts → generate → score → log-probs of the policy and the reference
-(``fastppo.token_logprobs`` at the sampling temperature) and values → per-token rewards shaped
-by the KL (``shape_rewards``) → ``gae`` and ``masked_whiten`` (or ``group_advantages``) →
-``ppo_epochs`` passes of shuffled mini-batches, each accumulated over micro-batches planned by
-``fastppo.packing.plan_microbatches``, with ``ppo_policy_loss`` and ``value_loss`` computed on
-packed response tokens.
+    run = set_up(cfg)                            models, prompts, reward, optimizer; resume
+    for every iteration:
+        rollout = collect(...)                   generate, score, log-probs, values    (rollout.py)
+        rollout = with_advantages(...)           cfg.advantage's estimator             (algorithms.py)
+        totals = update(run, batch)              ppo_epochs × mini-batches × micro-batches, cfg.policy_loss
+        record metrics, adapt the KL coefficient, save
+
+Where the KL goes (``kl_in``), what the estimator needs (a critic, groups) and how the loss is
+computed are read from the registries in ``algorithms.py``; nothing here branches on the preset.
 """
 
 import copy
-import importlib
 import math
 import random
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    get_scheduler,
-)
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, get_scheduler
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import checkpoint, runtime, tiny
+from fastppo.trainer import algorithms, checkpoint, runtime, tiny
+from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs
 from fastppo.trainer.config import PPOConfig
-from fastppo.trainer.data import apply_template, read_rows
+from fastppo.trainer.data import read_rows
 from fastppo.trainer.metrics import MetricsWriter
+from fastppo.trainer.rollout import Rollout, collect, load_reward, token_logprobs_of, values_of
 
 # --------------------------------------------------------------------------------------------
-# Set-up: models, prompts, reward.
+# Set-up and resume.
 
 
 def load_models(cfg: PPOConfig, attention: str):
-    """Tokenizer, policy, reference (a frozen copy of the policy) and critic (None without one);
-    ``attention`` is the transformers ``attn_implementation`` of all three."""
+    """Tokenizer, policy, reference (a frozen copy of the policy) and critic (None unless the
+    advantage estimator needs one); ``attention`` is the ``attn_implementation`` of all three."""
     if cfg.policy is None:
         tokenizer = tiny.build_tokenizer()
         policy = tiny.build_policy(tokenizer, cfg.seed, attention)
@@ -52,7 +51,7 @@ def load_models(cfg: PPOConfig, attention: str):
     disable_dropout(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = None
-    if cfg.algo == "ppo":
+    if ADVANTAGES[cfg.advantage].needs_critic:
         if cfg.critic is None and cfg.policy is None:
             critic = tiny.build_critic(tokenizer, cfg.seed, attention)
         else:
@@ -79,205 +78,36 @@ def load_prompts(cfg: PPOConfig) -> list[str]:
     return [row["prompt"] for row in read_rows(cfg.prompts, ("prompt",))]
 
 
-def load_reward(cfg: PPOConfig, tokenizer):
-    """A function (prompts, responses) -> list of float scores."""
-    if cfg.reward == "echo":
-        return tiny.echo_reward
-    if Path(cfg.reward).exists():
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.reward, num_labels=1).eval()
+@dataclass
+class Run:
+    """What every iteration of one run reads: set up once by ``set_up``."""
 
-        @torch.no_grad()
-        def model_reward(prompts, responses):
-            batch = tokenizer(
-                [p + r for p, r in zip(prompts, responses, strict=True)], return_tensors="pt", padding=True
-            )
-            return model(**batch).logits[:, 0].float().tolist()
+    cfg: PPOConfig
+    device: torch.device
+    distributed: runtime.Distributed
+    out: Path
+    tokenizer: object
+    policy: torch.nn.Module  # wrapped (DDP) or sharded (FSDP2) under torchrun
+    reference: torch.nn.Module
+    critic: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    prompts: list[str]
+    reward_fn: object
+    kl_coef: float
+    start: int  # iterations done before this process started (resume)
+    nonfinite: runtime.NonFiniteSteps
 
-        return model_reward
-    module, _, name = cfg.reward.partition(":")
-    if not name:
-        raise ValueError(f"reward must be 'echo', a model path or 'module:function', got {cfg.reward!r}")
-    return getattr(importlib.import_module(module), name)
+    @property
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.policy} | ({"critic": self.critic} if self.critic is not None else {})
 
-
-# --------------------------------------------------------------------------------------------
-# Rollout.
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask (for generation), with BOS when the tokenizer has one and
-    its chat template when it has one."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [bos + tokenizer(apply_template(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
-    batch = packing.collate(ids, tokenizer.pad_token_id, side="left")
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    @property
+    def prompts_per_iteration(self) -> int:
+        return max(self.cfg.batch_size // self.cfg.group_size, 1)
 
 
-def ends_at_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """A response ends at its first EOS (included); what generate writes after it is padding."""
-    eos = (responses == eos_token_id).long()
-    return (eos.cumsum(1) - eos) == 0
-
-
-def predicting_outputs(model, device, batch: dict, prompt_len: int, padding_free: bool):
-    """Run ``model`` on whole sequences; return its output at the positions that predict a
-    response token, the labels aligned with them, and where the labels are response tokens.
-
-    ``batch`` holds ``sequences``, ``attention_mask`` and the response ``labels`` ``(B, R)``.
-    Padded: ``(B, R, ...)`` and ``(B, R)``, a view of ``logits[:, P-1:-1]``. Padding-free: the
-    attended tokens of all rows packed into one row (``runtime.packed_logits``), so ``(N, ...)``
-    and ``(N,)`` with label -100 where a position predicts no response token.
-    Either way ``out[keep]`` lists the response tokens row by row.
-    """
-    P = prompt_len
-    sequences, attention_mask, labels = batch["sequences"], batch["attention_mask"], batch["labels"]
-    with runtime.autocast(device):
-        if not padding_free:
-            logits = model(
-                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False,
-            ).logits[:, P - 1 : -1]  # fmt: skip
-        else:
-            layout = packing.unpad(attention_mask)
-            all_labels = torch.full_like(sequences, -100)
-            all_labels[:, P - 1 : -1] = labels  # the last prompt token and the response tokens are attended
-            logits, labels = runtime.packed_logits(model, sequences, layout), packing.pack(all_labels, layout)
-    return logits, labels, labels != -100
-
-
-def to_padded(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Response-token values listed row by row, back to ``(B, R)`` with zeros after each response."""
-    out = torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device)
-    return out.masked_scatter(response_mask, flat)
-
-
-@torch.no_grad()
-def rollout(cfg, policy, reference, critic, tokenizer, prompts, reward_fn, kl_coef, device):
-    """Generate, score and compute everything the update needs, for one batch of prompts."""
-    prompts = [p for p in prompts for _ in range(cfg.group_size)]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    P = prompt_ids.shape[1]
-    policy.eval()
-    if critic is not None:
-        critic.eval()
-    with runtime.autocast(device):
-        # Sharded weights: every generation step is a collective, so all ranks step until all are done.
-        synced = runtime.is_sharded(policy)
-        sequences = runtime.unwrap(policy).generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
-        )  # fmt: skip
-    responses = sequences[:, P:]
-    response_mask = ends_at_eos(responses, tokenizer.eos_token_id)
-    attention_mask = torch.cat([prompt_mask.bool(), response_mask], 1)
-    texts = tokenizer.batch_decode(
-        torch.where(response_mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
-    )
-    scores = torch.tensor(reward_fn(prompts, texts), dtype=torch.float32, device=device)
-
-    labels = torch.where(response_mask, responses, -100)
-
-    scored = dict(sequences=sequences, attention_mask=attention_mask, labels=labels)
-
-    def response_logprobs(model):  # (B, R), 0 after each response
-        logits, out_labels, keep = predicting_outputs(model, device, scored, P, cfg.padding_free)
-        logp = fastppo.token_logprobs(logits, out_labels, temperature=cfg.temperature)
-        return to_padded(logp[keep], response_mask)
-
-    old_logp, ref_logp = response_logprobs(policy), response_logprobs(reference)
-    mask = response_mask.float()
-    kl = fastppo.kl_penalty(old_logp, ref_logp, "k1") * mask
-    if critic is not None:
-        logits, _, keep = predicting_outputs(critic, device, scored, P, cfg.padding_free)
-        values = to_padded(logits[..., 0][keep].float(), response_mask)
-        rewards = fastppo.shape_rewards(scores, response_mask, kl=kl, kl_coef=kl_coef)
-        advantages, returns = fastppo.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
-    else:
-        group_ids = torch.arange(len(prompts), device=device) // cfg.group_size
-        per_sequence = fastppo.group_advantages(
-            scores, group_ids, method="grpo" if cfg.algo == "grpo" else "rloo"
-        )
-        advantages, values, returns = per_sequence[:, None] * mask, None, None
-    data = dict(
-        sequences=sequences, attention_mask=attention_mask, labels=labels, response_mask=response_mask,
-        old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, values=values, returns=returns,
-        scores=scores, kl=kl,
-    )  # fmt: skip
-    # Responses cut at max_new_tokens may be left out of the update (their scores still count).
-    keep = (responses == tokenizer.eos_token_id).any(1) if cfg.drop_truncated else None
-    update = {k: v if v is None or keep is None else v[keep] for k, v in data.items()}
-    if cfg.whiten_advantages and update["response_mask"].any():
-        m = update["response_mask"]
-        update["advantages"] = fastppo.masked_whiten(update["advantages"], m) * m
-    lengths = response_mask.sum(1).float()
-    return {**update, "scores": scores, "kl": kl, "lengths": lengths, "prompt_len": P}
-
-
-# --------------------------------------------------------------------------------------------
-# Update.
-
-
-def micro_batch_losses(cfg, policy, critic, data, idx, n_tokens, kl_coef, device):
-    """Losses of the micro-batch ``idx``, scaled so that the micro-batches of a mini-batch add up to
-    its token mean. Losses are computed on packed response tokens."""
-    take = lambda key: data[key][idx]  # noqa: E731
-    response_mask = take("response_mask")
-    flat = lambda x: x[response_mask]  # noqa: E731 (response tokens, row by row)
-    batch = {key: take(key) for key in ("sequences", "attention_mask", "labels")}
-
-    logits, labels, keep = predicting_outputs(policy, device, batch, data["prompt_len"], cfg.padding_free)
-    logp, entropy = fastppo.token_logprobs(logits, labels, temperature=cfg.temperature, return_entropy=True)
-    logp = logp[keep]
-    ones = torch.ones_like(logp)
-    in_loss_kl = cfg.algo != "ppo" and kl_coef > 0  # critic-free methods put the KL in the loss
-    policy_loss, stats = fastppo.ppo_policy_loss(
-        logp, flat(take("old_logp")), flat(take("advantages")), ones, agg="token-sum",
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        ref_logp=flat(take("ref_logp")) if in_loss_kl else None, kl_coef=kl_coef if in_loss_kl else 0.0,
-        entropy=entropy[keep], entropy_coef=cfg.entropy_coef,
-    )  # fmt: skip
-    loss = policy_loss / n_tokens
-    value_loss = torch.zeros((), device=device)
-    if critic is not None:
-        values, _, keep = predicting_outputs(critic, device, batch, data["prompt_len"], cfg.padding_free)
-        value_loss, _ = fastppo.value_loss(
-            values[..., 0][keep].float(), flat(take("values")), flat(take("returns")), ones,
-            clip=cfg.value_clip, agg="token-sum",
-        )  # fmt: skip
-        loss = loss + cfg.value_coef * value_loss / n_tokens
-    return loss, policy_loss.detach() / n_tokens, value_loss.detach() / n_tokens, stats
-
-
-def accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals) -> None:
-    """Backward of mini-batch ``mb`` over the micro-batches planned for its token budget.
-
-    Ranks plan their own micro-batches, then split some until all have the same count (FSDP runs
-    collectives in every forward and backward); gradients are reduced on the last one only.
-    """
-    n_tokens = max(int(data["response_mask"][mb].sum()), 1)
-    seqlens = data["attention_mask"][mb].sum(1)
-    micros = [m for m in packing.plan_microbatches(seqlens, cfg.max_tokens_per_microbatch) if m]
-    micros = runtime.same_count_on_all_ranks(micros, device, distributed)
-    models = [m for m in (policy, critic) if m is not None]
-    for i, micro in enumerate(micros):
-        with runtime.gradient_sync(models, enabled=i == len(micros) - 1):
-            loss, policy_loss, value_loss, stats = micro_batch_losses(
-                cfg, policy, critic, data, mb[micro], n_tokens, kl_coef, device
-            )
-            loss.backward()
-        totals["policy_loss"] += policy_loss.item()
-        totals["value_loss"] += value_loss.item()
-        totals["clipfrac"] += stats["clipfrac"].item() * len(micro) / len(mb)
-        totals["entropy"] += stats["entropy"].item() * len(micro) / len(mb)
-
-
-def train(cfg: PPOConfig, log=print) -> list[dict]:
-    """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
+def set_up(cfg: PPOConfig, log) -> Run:
     device = runtime.resolve_device(cfg.device)
     distributed = runtime.init_distributed(device)
     runtime.seed_everything(cfg.seed)  # the same initial models on every rank
@@ -289,10 +119,6 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     tokenizer, policy, reference, critic = load_models(cfg, attention)
     policy, reference = policy.to(device), reference.to(device)
     critic = critic.to(device) if critic is not None else None
-    prompts = load_prompts(cfg)
-    reward_fn = load_reward(cfg, tokenizer)
-    kl_coef, start = cfg.kl_coef, 0
-    nonfinite = runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and last is None:
         log(f"resume: no checkpoint in {out}, starting from scratch")
@@ -309,97 +135,260 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     parallel = runtime.shard if cfg.fsdp else runtime.wrap
     policy = parallel(policy, device, distributed)
     critic = parallel(critic, device, distributed) if critic is not None else None
-    prompts_per_iter = max(cfg.batch_size // cfg.group_size, 1)
-    steps_per_iter = cfg.ppo_epochs * math.ceil(prompts_per_iter * cfg.group_size / cfg.minibatch_size)
     params = [{"params": list(policy.parameters()), "lr": cfg.lr}]
     if critic is not None:
         params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
-    trained = {"policy": policy} if critic is None else {"policy": policy, "critic": critic}
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.iterations * steps_per_iter)  # fmt: skip
+    run = Run(
+        cfg=cfg, device=device, distributed=distributed, out=out, tokenizer=tokenizer, policy=policy,
+        reference=reference, critic=critic, optimizer=optimizer, scheduler=None, prompts=load_prompts(cfg),
+        reward_fn=load_reward(cfg.reward, tokenizer), kl_coef=cfg.kl_coef, start=0,
+        nonfinite=runtime.NonFiniteSteps(cfg.max_nonfinite_steps),
+    )  # fmt: skip
+    steps_per_iteration = cfg.ppo_epochs * math.ceil(
+        run.prompts_per_iteration * cfg.group_size / cfg.minibatch_size
+    )
+    run.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=cfg.iterations * steps_per_iteration)  # fmt: skip
     if last is not None:
         state = checkpoint.load_trainer_state(last)
-        runtime.load_optimizer_state(trained, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        runtime.load_optimizer_state(run.trained, optimizer, state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        kl_coef, start = state["kl_coef"], state["iteration"]
-        log(f"resumed from {last} at iteration {start}")
+        run.kl_coef, run.start = state["kl_coef"], state["iteration"]
+        log(f"resumed from {last} at iteration {run.start}")
     if distributed.enabled:  # every rank samples its own prompts and responses
-        runtime.seed_everything(cfg.seed + 1000 * distributed.rank + start)
+        runtime.seed_everything(cfg.seed + 1000 * distributed.rank + run.start)
+    return run
 
+
+# --------------------------------------------------------------------------------------------
+# One iteration: rollout → advantages → update.
+
+
+def sample_rollout(run: Run) -> Rollout:
+    cfg = run.cfg
+    prompts = random.sample(run.prompts, min(run.prompts_per_iteration, len(run.prompts)))
+    return collect(
+        run.policy, run.reference, run.critic, run.tokenizer, prompts, run.reward_fn, run.device,
+        group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, padding_free=cfg.padding_free,
+    )  # fmt: skip
+
+
+def kl_per_token(rollout: Rollout, estimator: str) -> torch.Tensor:
+    """(B, R) KL estimate of the sampling policy against the reference, 0 after each response."""
+    return fastppo.kl_penalty(rollout.old_logp, rollout.ref_logp, estimator) * rollout.response_mask
+
+
+def kept_for_update(cfg: PPOConfig, rollout: Rollout) -> torch.Tensor:
+    """(B,) bool: the responses the update uses (all but the truncated ones with drop_truncated,
+    and the groups of equal scores with dynamic_sampling). Their scores still count in the metrics."""
+    keep = torch.ones(len(rollout), dtype=torch.bool, device=rollout.scores.device)
+    if cfg.drop_truncated:
+        keep &= ~rollout.truncated
+    if cfg.dynamic_sampling:
+        keep &= algorithms.groups_with_spread(rollout.scores, rollout.group_ids)
+    return keep
+
+
+def with_advantages(cfg: PPOConfig, rollout: Rollout, keep: torch.Tensor, kl_coef: float) -> Rollout:
+    """The rollout with ``advantages`` (and the critic's ``returns``) from cfg.advantage's
+    estimator; whitening statistics come from the ``keep`` (B,) responses."""
+    inputs = AdvantageInputs(
+        scores=rollout.scores, mask=rollout.response_mask, group_ids=rollout.group_ids, values=rollout.values,
+        kl=kl_per_token(rollout, cfg.kl_estimator), kl_coef=kl_coef if cfg.kl_in == "reward" else 0.0,
+        gamma=cfg.gamma, lam=cfg.lam,
+    )  # fmt: skip
+    estimator = ADVANTAGES[cfg.advantage]
+    adv, returns = algorithms.advantages(estimator, inputs, whiten=cfg.whiten_advantages, keep=keep)
+    return replace(rollout, advantages=adv, returns=returns)
+
+
+def micro_batch_losses(
+    cfg: PPOConfig,
+    policy,
+    critic,
+    batch: Rollout,
+    *,
+    kl_coef: float,
+    normaliser: float,
+    n_tokens: int,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Losses of one micro-batch, scaled so that the micro-batches of a mini-batch add up to its
+    aggregate (``normaliser``: see ``algorithms.loss_normaliser``; the value loss is a token
+    mean over the mini-batch's ``n_tokens``). The policy and critic passes share one layout."""
+    tokens = batch.tokens(cfg.padding_free)
+    with runtime.autocast(device):
+        logp, entropy = token_logprobs_of(policy, tokens, temperature=cfg.temperature, entropy=True)
+    kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
+    weights = batch.flat(algorithms.token_weights(batch.response_mask, cfg.loss_agg))
+    policy_sum, stats = POLICY_LOSSES[cfg.policy_loss].compute(PolicyLossInputs(
+        logp=logp, old_logp=batch.flat(batch.old_logp), advantages=batch.flat(batch.advantages),
+        weights=weights, ref_logp=batch.flat(batch.ref_logp) if kl_in_loss else None, kl_coef=kl_coef,
+        kl_estimator=cfg.kl_estimator, entropy=entropy, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+    ))  # fmt: skip
+    loss = policy_sum / normaliser
+    value_loss = torch.zeros((), device=device)
+    if critic is not None:
+        with runtime.autocast(device):
+            values = values_of(critic, tokens)
+        ones = torch.ones_like(values)
+        value_loss, _ = fastppo.value_loss(values, batch.flat(batch.values), batch.flat(batch.returns), ones,
+                                           clip=cfg.value_clip, agg="token-sum")  # fmt: skip
+        value_loss = value_loss / n_tokens
+        loss = loss + cfg.value_coef * value_loss
+    return loss, policy_sum.detach() / normaliser, value_loss.detach(), stats
+
+
+#: Statistics of the policy loss averaged over micro-batches into the iteration's metrics.
+LOSS_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "approx_kl_k3", "entropy")
+
+
+def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
+    """Backward of one mini-batch over the micro-batches planned for its token budget.
+
+    Ranks plan their own micro-batches, then split some until all have the same count (FSDP runs
+    collectives in every forward and backward); gradients are reduced on the last one only.
+    """
+    cfg = run.cfg
+    n_tokens = max(int(batch.response_mask.sum()), 1)
+    normaliser = algorithms.loss_normaliser(batch.response_mask, cfg.loss_agg, cfg.max_new_tokens)
+    micros = [
+        m for m in packing.plan_microbatches(batch.attention_mask.sum(1), cfg.max_tokens_per_microbatch) if m
+    ]
+    micros = runtime.same_count_on_all_ranks(micros, run.device, run.distributed)
+    models = list(run.trained.values())
+    for i, micro in enumerate(micros):
+        with runtime.gradient_sync(models, enabled=i == len(micros) - 1):
+            loss, policy_loss, value_loss, stats = micro_batch_losses(
+                cfg, run.policy, run.critic, batch.select(torch.as_tensor(micro, device=run.device)),
+                kl_coef=run.kl_coef, normaliser=normaliser, n_tokens=n_tokens, device=run.device,
+            )  # fmt: skip
+            loss.backward()
+        totals["policy_loss"] += policy_loss.item()
+        totals["value_loss"] += value_loss.item()
+        stats["approx_kl_k3"] = stats["ratio_mean"] - 1 + stats["approx_kl"]  # mean of (r − 1) − log r
+        for key in LOSS_STATS:
+            totals[key] += stats[key].item() * len(micro) / len(batch)
+
+
+def update(run: Run, batch: Rollout, iteration: int) -> dict:
+    """``ppo_epochs`` passes of shuffled mini-batches over ``batch``; returns the mean losses and
+    stats, and how many sequences each pass used.
+    Every rank takes as many optimizer steps (collectives under DDP and FSDP): ranks that keep
+    different numbers of responses all update on the smallest count."""
+    cfg, device = run.cfg, run.device
+    n = torch.tensor([len(batch)], device=device)
+    if run.distributed.enabled:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+    n_used = int(n)
+    if n_used == 0:
+        warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
+    for model in run.trained.values():
+        model.train()
+    totals = dict.fromkeys(("policy_loss", "value_loss", *LOSS_STATS), 0.0)
+    steps = 0
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    for _ in range(cfg.ppo_epochs if n_used > 0 else 0):
+        for mb in torch.randperm(len(batch), device=device)[:n_used].split(cfg.minibatch_size):
+            run.optimizer.zero_grad(set_to_none=True)
+            accumulate_gradients(run, batch.select(mb), totals)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # Gradients are all-reduced before the norm: every rank takes the same decision.
+            if not run.nonfinite.ok(bool(torch.isfinite(grad_norm)), f"iteration {iteration}"):
+                continue
+            run.optimizer.step()
+            run.scheduler.step()
+            steps += 1
+    return {k: v / max(steps, 1) for k, v in totals.items()} | {"updated_sequences": n_used}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(returns − values) / Var(returns) over the response tokens: how much of the return
+    the critic predicts (1 perfect, 0 no better than the mean, negative worse)."""
+    r, v = returns[mask], values[mask]
+    var = r.var(unbiased=False) if r.numel() > 1 else r.new_zeros(())
+    return float(1 - (r - v).var(unbiased=False) / var) if var > 0 else float("nan")
+
+
+def rollout_metrics(rollout: Rollout) -> dict:
+    lengths = rollout.response_mask.sum(1).float()
+    metrics = {
+        "reward": float(rollout.scores.mean()), "reward_std": float(rollout.scores.std()),
+        "kl": float(kl_per_token(rollout, "k1").sum(1).mean()),  # per response, summed over its tokens
+        "response_length": float(lengths.mean()),
+        "truncated_fraction": float(rollout.truncated.float().mean()),
+    }  # fmt: skip
+    if rollout.values is not None:
+        metrics["explained_variance"] = explained_variance(
+            rollout.values, rollout.returns, rollout.response_mask
+        )
+    return metrics
+
+
+def iterate(run: Run, iteration: int) -> dict:
+    """One iteration; returns its metrics (averaged over ranks)."""
+    started = time.time()
+    rollout = sample_rollout(run)
+    keep = kept_for_update(run.cfg, rollout)
+    rollout = with_advantages(run.cfg, rollout, keep, run.kl_coef)
+    local = rollout_metrics(rollout) | update(run, rollout.select(keep), iteration)
+    local["updated_fraction"] = local.pop("updated_sequences") / len(rollout)
+    record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, run.device, run.distributed)}
+    if run.cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), the same on every rank
+        error = max(min(record["kl"] / run.cfg.kl_target - 1, 0.2), -0.2)
+        run.kl_coef *= 1 + error * len(rollout) * run.distributed.world_size / run.cfg.kl_horizon
+    return record | {"kl_coef": run.kl_coef, "seconds": time.time() - started}
+
+
+# --------------------------------------------------------------------------------------------
+# Saving.
+
+
+def save(run: Run, iteration: int) -> None:
+    """Checkpoint after ``iteration`` iterations. Gathering sharded weights and optimizer states is
+    a collective: every rank takes part, rank 0 writes."""
+    full = {name: runtime.full_state_dict(model) for name, model in run.trained.items()}
+    optimizer_state = runtime.optimizer_state(run.trained, run.optimizer)
+    if run.distributed.main:
+        state = dict(iteration=iteration, kl_coef=run.kl_coef, config=asdict(run.cfg))
+        state.update(
+            optimizer=optimizer_state, scheduler=run.scheduler.state_dict(), rng=checkpoint.rng_state()
+        )
+        models = {"policy": runtime.unwrap(run.policy), "reference": run.reference,
+                  "critic": runtime.unwrap(run.critic) if run.critic is not None else None}  # fmt: skip
+        checkpoint.save_checkpoint(run.out, iteration, models, run.tokenizer, state, state_dicts=full)
+    if run.distributed.enabled:
+        torch.distributed.barrier()
+
+
+def finish(run: Run, log) -> None:
+    if not run.cfg.fsdp:  # sharded weights differ across ranks by design
+        for model in run.trained.values():
+            runtime.check_in_sync(model, run.device, run.distributed)
+        if run.distributed.enabled:
+            log(f"rank {run.distributed.rank}: {run.distributed.world_size} ranks in sync")
+    runtime.finish_distributed(run.distributed)
+
+
+def train(cfg: PPOConfig, log=print) -> list[dict]:
+    """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
+    run = set_up(cfg, log)
     history = []
-    metrics = MetricsWriter(out, enabled=distributed.main, log=log)
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=cfg.algo,
-               disable=not distributed.main)  # fmt: skip
+    metrics = MetricsWriter(run.out, enabled=run.distributed.main, log=log)
+    bar = tqdm(range(run.start, cfg.iterations), initial=run.start, total=cfg.iterations, desc=cfg.algo,
+               disable=not run.distributed.main)  # fmt: skip
     for iteration in bar:
-        t0 = time.time()
-        batch_prompts = random.sample(prompts, min(prompts_per_iter, len(prompts)))
-        data = rollout(cfg, policy, reference, critic, tokenizer, batch_prompts, reward_fn, kl_coef, device)
-        n = data["sequences"].shape[0]
-        # Every rank takes as many optimizer steps (they are collectives under DDP and FSDP): with
-        # --drop_truncated the ranks keep different counts, so all update on the smallest count.
-        n_used = torch.tensor([n], device=device)
-        if distributed.enabled:
-            torch.distributed.all_reduce(n_used, op=torch.distributed.ReduceOp.MIN)
-        n_used = int(n_used)
-        if n_used == 0:
-            warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
-
-        policy.train()
-        if critic is not None:
-            critic.train()
-        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "entropy": 0.0, "steps": 0}
-        for _ in range(cfg.ppo_epochs if n_used > 0 else 0):
-            for mb in torch.randperm(n, device=device)[:n_used].split(cfg.minibatch_size):
-                optimizer.zero_grad(set_to_none=True)
-                accumulate_gradients(cfg, policy, critic, data, mb, kl_coef, device, distributed, totals)
-                all_params = [p for group in params for p in group["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                # Gradients are all-reduced before the norm: every rank takes the same decision.
-                if not nonfinite.ok(bool(torch.isfinite(grad_norm)), f"iteration {iteration}"):
-                    continue
-                optimizer.step()
-                scheduler.step()
-                totals["steps"] += 1
-
-        steps = max(totals.pop("steps"), 1)
-        local = {
-            "reward": float(data["scores"].mean()), "reward_std": float(data["scores"].std()),
-            "kl": float(data["kl"].sum(1).mean()),  # per-sequence KL, summed over tokens
-            "response_length": float(data["lengths"].mean()),
-            "updated_fraction": n_used / len(data["scores"]), **{k: v / steps for k, v in totals.items()},
-        }  # fmt: skip
-        record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, device, distributed)}
-        if cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), same on every rank
-            error = max(min(record["kl"] / cfg.kl_target - 1, 0.2), -0.2)
-            kl_coef *= 1 + error * n * distributed.world_size / cfg.kl_horizon
-        record.update(kl_coef=kl_coef, seconds=time.time() - t0)
+        record = iterate(run, iteration)
         history.append(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
         metrics.write(record, step=iteration + 1)
-        done = iteration + 1 == cfg.iterations
-        if done or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-            # Gathering sharded weights and optimizer states is a collective: every rank takes
-            # part, rank 0 writes.
-            full = {name: runtime.full_state_dict(model) for name, model in trained.items()}
-            optimizer_state = runtime.optimizer_state(trained, optimizer)
-            if distributed.main:
-                state = dict(iteration=iteration + 1, kl_coef=kl_coef, config=asdict(cfg))
-                state.update(optimizer=optimizer_state, scheduler=scheduler.state_dict())
-                state.update(rng=checkpoint.rng_state())
-                models = {"policy": runtime.unwrap(policy), "reference": reference,
-                          "critic": runtime.unwrap(critic) if critic is not None else None}  # fmt: skip
-                checkpoint.save_checkpoint(out, iteration + 1, models, tokenizer, state, state_dicts=full)
-            if distributed.enabled:
-                torch.distributed.barrier()
+        if iteration + 1 == cfg.iterations or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
+            save(run, iteration + 1)
     metrics.close()
-    if not cfg.fsdp:  # sharded weights differ across ranks by design
-        runtime.check_in_sync(policy, device, distributed)
-        if critic is not None:
-            runtime.check_in_sync(critic, device, distributed)
-        if distributed.enabled:
-            log(f"rank {distributed.rank}: {distributed.world_size} ranks in sync")
-    runtime.finish_distributed(distributed)
+    finish(run, log)
     return history

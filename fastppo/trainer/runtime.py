@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastppo import packing
-
 
 def resolve_device(name: str) -> torch.device:
     """ "auto" is the local CUDA device when there is one (under torchrun: LOCAL_RANK's), else CPU."""
@@ -52,18 +50,6 @@ def varlen_attention(attn_implementation: str) -> bool:
     """Whether attention runs flash-attn's varlen kernels, the only kind for which packed rows cost
     nothing extra (sdpa and eager need a block-diagonal mask over the whole packed row)."""
     return attn_implementation.startswith("flash")
-
-
-def packed_logits(model, input_ids: torch.Tensor, layout) -> torch.Tensor:
-    """``(N, V)`` outputs of ``model`` on the tokens ``layout`` keeps of ``input_ids`` ``(B, T)``,
-    packed into one row with position ids restarting at each sequence. With no attention mask and
-    no cache, transformers finds the sequences from the position ids."""
-    packed = model(
-        input_ids=packing.pack(input_ids, layout)[None],
-        position_ids=layout.position_ids[None],
-        use_cache=False,
-    )
-    return packed.logits[0]
 
 
 def seed_everything(seed: int) -> None:

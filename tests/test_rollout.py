@@ -1,10 +1,12 @@
-"""The loops' model passes: padding-free (packed) equals padded in PPO and in the offline loops'
-sequence log-probs, dropout is off, attention implementation choice."""
+"""The rollout and the one model-to-log-probs path: padding-free (packed) equals padded, the
+stand-in lm_head equals full logits + token_logprobs, dropout is off, attention choice, and the
+offline loops' sequence log-probs."""
 
 import pytest
 import torch
 
-from fastppo.trainer import data, offline, ppo, runtime
+import fastppo
+from fastppo.trainer import data, offline, ppo, rollout, runtime, tiny
 from fastppo.trainer.config import PPOConfig
 
 CPU = torch.device("cpu")
@@ -13,10 +15,50 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("loop_backend")
 
 
-def rollout(cfg, models, prompts, seed=1):
+def collect(cfg, models, prompts, seed=1):
     tokenizer, policy, reference, critic = models
     torch.manual_seed(seed)
-    return ppo.rollout(cfg, policy, reference, critic, tokenizer, prompts, ppo.tiny.echo_reward, 0.05, CPU)
+    return rollout.collect(
+        policy, reference, critic, tokenizer, prompts, tiny.echo_reward, CPU, group_size=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
+        padding_free=cfg.padding_free,
+    )  # fmt: skip
+
+
+def test_token_logprobs_of_equals_full_logits():
+    """The stand-in lm_head reads only the response positions; the log-probs and entropies are
+    those of fastppo.token_logprobs over the whole logits, packed or padded, and so are the
+    gradients; the plain path (models whose forward cannot take the stand-in) gives them too."""
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_policy(tokenizer, seed=0)
+    torch.manual_seed(1)
+    prompts = tiny.synthetic_prompts(12, seed=3)
+    samples = rollout.generate(model, tokenizer, prompts, CPU, max_new_tokens=6, temperature=0.7)
+    mask, P = samples.response_mask, samples.sequences.shape[1] - samples.response_mask.shape[1]
+    assert mask.sum(1).unique().numel() > 1  # responses of different lengths: padding is exercised
+    full = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
+                 position_ids=rollout.position_ids(samples.attention_mask)).logits[:, P - 1 : -1]  # fmt: skip
+    labels = torch.where(mask, samples.sequences[:, P:], -100)
+    want_logp, want_entropy = fastppo.token_logprobs(full, labels, temperature=0.7, return_entropy=True)
+    (want_logp[mask].sum() + want_entropy[mask].sum()).backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    assert rollout.head_runs_last(model)
+    for padding_free in (False, True):
+        model.zero_grad()
+        tokens = samples.tokens(padding_free)
+        logp, entropy = rollout.token_logprobs_of(model, tokens, temperature=0.7, entropy=True)
+        torch.testing.assert_close(logp, want_logp[mask], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy, want_entropy[mask], atol=2e-5, rtol=1e-5)
+        (logp.sum() + entropy.sum()).backward()
+        for got, want in zip((p.grad for p in model.parameters()), want_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    next_labels = torch.nn.functional.pad(labels, (P - 1, 1), value=-100)
+    plain = rollout.TokenBatch.build(
+        samples.sequences, samples.attention_mask, next_labels, padding_free=False
+    )
+    logits = plain.select(model(**plain.inputs).logits)
+    plain_logp = fastppo.token_logprobs(logits, plain.labels, temperature=0.7)
+    torch.testing.assert_close(plain_logp, want_logp[mask])
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -26,27 +68,31 @@ def test_padding_free_equals_padded(attention, tmp_path):
     end at different lengths, so both kinds of padding are exercised."""
     cfg = PPOConfig(output_dir=str(tmp_path), max_new_tokens=6, temperature=0.7)
     models = ppo.load_models(cfg, attention)
-    prompts = ppo.tiny.synthetic_prompts(12, seed=3)
-    padded = rollout(ppo.replace(cfg, padding_free=False), models, prompts)
-    packed = rollout(ppo.replace(cfg, padding_free=True), models, prompts)
-    assert padded["prompt_len"] == packed["prompt_len"]
-    lengths = padded["response_mask"].sum(1)
+    prompts = tiny.synthetic_prompts(12, seed=3)
+    batches = {}
+    for padding_free in (False, True):
+        c = ppo.replace(cfg, padding_free=padding_free)
+        got = collect(c, models, prompts)
+        batches[padding_free] = ppo.with_advantages(c, got, ppo.kept_for_update(c, got), kl_coef=0.05)
+    padded, packed = batches[False], batches[True]
+    lengths = padded.response_mask.sum(1)
     assert lengths.min() < lengths.max(), "responses of one length would not test the padding"
     for key in ("sequences", "response_mask", "scores"):
-        assert torch.equal(padded[key], packed[key]), key
-    for key in ("old_logp", "ref_logp", "values", "advantages", "returns", "kl"):
-        torch.testing.assert_close(packed[key], padded[key], atol=2e-5, rtol=1e-5, msg=key)
-    assert (packed["old_logp"][~packed["response_mask"]] == 0).all()
+        assert torch.equal(getattr(padded, key), getattr(packed, key)), key
+    for key in ("old_logp", "ref_logp", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(packed, key), getattr(padded, key), atol=2e-5, rtol=1e-5, msg=key)
+    assert (packed.old_logp[~packed.response_mask] == 0).all()
 
     _, policy, _, critic = models
     results = []
     for padding_free in (False, True):
         policy.zero_grad()
         critic.zero_grad()
-        idx = torch.tensor([0, 3, 4, 7, 11])
+        micro = padded.select(torch.tensor([0, 3, 4, 7, 11]))
         loss, *_ = ppo.micro_batch_losses(
-            ppo.replace(cfg, padding_free=padding_free), policy, critic, padded, idx, 40, 0.05, CPU
-        )
+            ppo.replace(cfg, padding_free=padding_free), policy, critic, micro, kl_coef=0.05, normaliser=40,
+            n_tokens=40, device=CPU,
+        )  # fmt: skip
         loss.backward()
         grads = [p.grad.clone() for p in (*policy.parameters(), *critic.parameters())]
         results.append((loss.detach(), grads))
@@ -90,8 +136,8 @@ def test_attention_implementation():
 def test_sequence_logprobs_padding_free_equals_padded():
     """SFT and DPO score rows by summed response log-probs: packed rows give the padded sums and
     gradients (rows of different lengths, so right padding is exercised)."""
-    tokenizer = ppo.tiny.build_tokenizer()
-    model = ppo.tiny.build_policy(tokenizer, seed=0)
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_policy(tokenizer, seed=0)
     prompts, responses = ["abc:", "qwertyu:", "x:"], ["aab", "w", "xxxx"]
     batch = data.encode(tokenizer, prompts, responses)
     assert batch["attention_mask"].sum(1).unique().numel() == 3

@@ -1,0 +1,192 @@
+"""The registries of advantage estimators and policy losses (each entry against the op it names),
+the loss aggregations, the presets (each trains the embedded default) and their config and CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastppo
+from fastppo.trainer import algorithms, ppo
+from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, PRESETS, AdvantageInputs, PolicyLossInputs
+from fastppo.trainer.config import PPOConfig
+
+pytestmark = pytest.mark.usefixtures("loop_backend")
+
+
+def batch(seed=0, B=6, R=5):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(R)[None, :] < torch.tensor([5, 3, 1, 4, 5, 2])[:B, None]
+    return AdvantageInputs(
+        scores=torch.rand(B, generator=g), mask=mask, group_ids=torch.arange(B) // 3,
+        values=torch.randn(B, R, generator=g) * mask, kl=torch.rand(B, R, generator=g) * 0.1 * mask,
+        kl_coef=0.2, gamma=0.9, lam=0.8,
+    )  # fmt: skip
+
+
+def test_registries_cover_the_presets():
+    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++-baseline"}
+    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "rloo", "reinforce++", "dapo"}
+    for preset in PRESETS.values():
+        assert preset.defaults["advantage"] in ADVANTAGES
+    assert [e.name for e in ADVANTAGES.values() if e.needs_critic] == ["gae"]
+
+
+def test_gae_entry():
+    x = batch()
+    rewards = fastppo.shape_rewards(x.scores, x.mask, kl=x.kl, kl_coef=0.2)
+    want = fastppo.gae(rewards, x.values, x.mask, gamma=0.9, lam=0.8)
+    for got, w in zip(ADVANTAGES["gae"].compute(x), want, strict=True):
+        torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_group_entries(name):
+    x = batch()
+    advantages, returns = ADVANTAGES[name].compute(x)
+    per_sequence = fastppo.group_advantages(x.scores, x.group_ids, method=name)
+    torch.testing.assert_close(advantages, per_sequence[:, None] * x.mask)
+    assert returns is None and ADVANTAGES[name].kl_in == "loss" and not ADVANTAGES[name].token_rewards
+
+
+def test_reinforce_pp_entries():
+    """Discounted returns of the KL-shaped rewards, whitened over the batch's tokens; the baseline
+    variant subtracts the group mean from the scores first."""
+    x = batch()
+    for name, scores in (
+        ("reinforce++", x.scores),
+        ("reinforce++-baseline", fastppo.group_advantages(x.scores, x.group_ids, method="dr_grpo")),
+    ):
+        returns = fastppo.discounted_returns(
+            fastppo.shape_rewards(scores, x.mask, kl=x.kl, kl_coef=0.2), x.mask, gamma=0.9
+        )
+        got, _ = algorithms.advantages(ADVANTAGES[name], x, whiten=False)
+        torch.testing.assert_close(got, fastppo.masked_whiten(returns, x.mask) * x.mask)
+        assert got[x.mask].mean().abs() < 1e-6
+
+
+def test_whitening_statistics_come_from_kept_responses():
+    x = batch()
+    keep = torch.tensor([True, False, True, True, False, True])
+    got, _ = algorithms.advantages(ADVANTAGES["gae"], x, whiten=True, keep=keep)
+    kept = got[x.mask & keep[:, None]]
+    assert kept.mean().abs() < 1e-6 and (kept.std() - 1).abs() < 1e-3
+    assert (got[~x.mask] == 0).all()
+
+
+def test_ppo_clip_entry_is_the_op():
+    g = torch.Generator().manual_seed(1)
+    n = 20
+    logp = (-torch.rand(n, generator=g) * 3).requires_grad_()
+    old, adv, ref = (
+        logp.detach() + torch.randn(n, generator=g) * 0.2,
+        torch.randn(n, generator=g),
+        logp.detach() - 0.1,
+    )
+    weights, entropy = torch.rand(n, generator=g), torch.rand(n, generator=g) * 2
+    x = PolicyLossInputs(logp=logp, old_logp=old, advantages=adv, weights=weights, ref_logp=ref, kl_coef=0.1,
+                         kl_estimator="k2", entropy=entropy, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+                         dual_clip=3.0)  # fmt: skip
+    loss, stats = POLICY_LOSSES["ppo-clip"].compute(x)
+    want, want_stats = fastppo.ppo_policy_loss(
+        logp, old, adv, weights, agg="token-sum", clip_low=0.2, clip_high=0.28, dual_clip=3.0, ref_logp=ref,
+        kl_coef=0.1, kl_estimator="k2", entropy=entropy, entropy_coef=0.01,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, want)
+    assert stats.keys() == want_stats.keys()
+
+
+def test_loss_aggregations():
+    """Per-token weights and the mini-batch normaliser reproduce each aggregation of a (B, R) loss."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    loss = torch.arange(12.0).view(3, 4)
+    by_hand = {
+        "token-mean": loss[mask].mean(),
+        "seq-mean-token-mean": torch.stack([loss[i][mask[i]].mean() for i in range(3)]).mean(),
+        "seq-mean-token-sum-norm": torch.stack([loss[i][mask[i]].sum() / 4 for i in range(3)]).mean(),
+    }
+    assert by_hand.keys() == algorithms.LOSS_AGGREGATIONS.keys()
+    for agg, want in by_hand.items():
+        weights = algorithms.token_weights(mask, agg)
+        got = (weights * loss).sum() / algorithms.loss_normaliser(mask, agg, max_new_tokens=4)
+        torch.testing.assert_close(got, want, msg=agg)
+
+
+def test_groups_with_spread():
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5])
+    assert algorithms.groups_with_spread(scores, torch.arange(6) // 3).tolist() == [False] * 3 + [True] * 3
+
+
+def test_presets_fill_what_is_unset():
+    dapo = PPOConfig(algo="dapo")
+    assert (dapo.advantage, dapo.clip_high, dapo.kl_coef, dapo.drop_truncated) == ("grpo", 0.28, 0.0, True)
+    assert dapo.output_dir == "fastppo-runs/dapo" and dapo.group_size == 8
+    assert PPOConfig(algo="dapo", clip_high=0.3, kl_coef=0.05).clip_high == 0.3
+    ppo_cfg = PPOConfig()
+    assert (ppo_cfg.advantage, ppo_cfg.kl_in, ppo_cfg.kl_estimator, ppo_cfg.kl_coef) == (
+        "gae",
+        "reward",
+        "k1",
+        0.01,
+    )
+    assert PPOConfig(algo="dr_grpo").loss_agg == "seq-mean-token-sum-norm"
+    assert (
+        PPOConfig(algo="ppo", advantage="reinforce++-baseline", group_size=4).advantage
+        == "reinforce++-baseline"
+    )
+    with pytest.raises(ValueError, match="kl_in: advantage grpo scores whole responses"):
+        PPOConfig(algo="grpo", kl_in="reward")
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        PPOConfig(advantage="a2c")
+    with pytest.raises(ValueError, match="loss_agg must be one of"):
+        PPOConfig(loss_agg="mean")
+
+
+@pytest.mark.parametrize("algo", list(PRESETS))
+def test_every_preset_trains_the_default(algo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's own default folder, fastppo-runs/<algo>
+    cfg = PPOConfig(
+        algo=algo, iterations=3, batch_size=32, minibatch_size=16, dynamic_sampling=algo == "dapo"
+    )
+    history = ppo.train(cfg, log=lambda *_: None)
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    expected = {"reward", "kl", "entropy", "policy_loss", "clipfrac", "clipfrac_lower", "approx_kl",
+                "approx_kl_k3", "response_length", "updated_fraction"}  # fmt: skip
+    if algo == "ppo":
+        expected.add("explained_variance")
+    for row in history:
+        assert expected <= row.keys()
+        assert all(row[k] == row[k] for k in expected)  # no NaN
+    assert (tmp_path / "fastppo-runs" / algo / "checkpoint-3" / "policy" / "model.safetensors").exists()
+    assert (tmp_path / "fastppo-runs" / algo / "critic").exists() is False
+    if algo == "dapo":  # truncated responses and groups of equal scores are left out
+        assert all(row["updated_fraction"] < 1 for row in history)
+
+
+def fastppo_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "fastppo.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_lists_presets_and_groups_flags():
+    listing = fastppo_cli("train", "--help")
+    assert listing.returncode == 0
+    for name, preset in PRESETS.items():
+        assert f"{name} " in listing.stdout and preset.summary in listing.stdout
+    assert "dpo" in listing.stdout and "sft" in listing.stdout
+    help_text = fastppo_cli("train", "grpo", "--help").stdout
+    sections = [f"\n{g}:" for g in ("model", "data", "rollout", "algorithm", "optimisation", "logging")]
+    positions = [help_text.find(s) for s in sections]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
+    assert help_text.find("\n  --kl_in") > help_text.find("\nalgorithm:")
+
+
+def test_every_field_has_one_help_section():
+    import dataclasses
+
+    from fastppo.trainer.config import SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(PPOConfig))
