@@ -26,6 +26,7 @@ from bench import harness
 #: Each module serves the ops in its OPS tuple.
 BENCH_MODULES = (
     "bench.bench_logprobs",
+    "bench.bench_linear_logprobs",
     "bench.bench_losses",
     "bench.bench_advantages",
     "bench.bench_packing",

@@ -3,11 +3,12 @@
 The model is a Qwen2 built from Qwen2-0.5B's config (494 M parameters, vocabulary 151,936) with
 random weights, bf16 autocast on GPU, fp32 weights and AdamW. A step is the trainer's own
 ``micro_batch_losses`` (``fastppo.trainer.ppo``) on one micro-batch: the model's forward,
-``token_logprobs`` with entropy at the response tokens, ``ppo_policy_loss`` with a k3 KL term
-and an entropy bonus (the GRPO form, no critic), backward, gradient clipping and the optimizer step.
+log-probs with entropy at the response tokens, ``ppo_policy_loss`` with a k3 KL term and an
+entropy bonus (the GRPO form, no critic), backward, gradient clipping and the optimizer step.
 
-Providers: ``fastppo`` (the ops' Triton kernels) and ``torch`` (``FASTPPO_BACKEND=torch``: the
-same step with the ops' eager PyTorch references, i.e. what a trainer without fastppo runs).
+Providers: ``fastppo`` (the ops' Triton kernels, log-probs by ``linear_logprobs`` from hidden
+states: no logits) and ``torch`` (``FASTPPO_BACKEND=torch`` and ``fused_lm_head=False``: the
+lm_head's logits and the ops' eager PyTorch references, i.e. what a trainer without fastppo runs).
 Peak memory is measured on a step after a warm-up step, so the optimizer's state is already there
 and the difference between providers is the step's own (the logits' temporaries above all).
 
@@ -88,7 +89,9 @@ def _setup(provider: str, shape: tuple[int, int, int], quick: bool, device):
         config = qwen2_config(quick)
         policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-        cfg = PPOConfig(algo="grpo", group_size=2, kl_coef=KL_COEF, entropy_coef=0.01, padding_free=False)
+        # fastppo: the fused head (no logits); torch: the lm_head's logits and the eager references.
+        cfg = PPOConfig(algo="grpo", group_size=2, kl_coef=KL_COEF, entropy_coef=0.01, padding_free=False,
+                        fused_lm_head=provider != "torch")  # fmt: skip
         batch = rollout_batch(B, P, R, config.vocab_size, device)
         n_tokens = int(batch.response_mask.sum())
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-PROVIDERS = ("torch", "compile", "fastppo", "trl", "verl", "openrlhf", "liger", "python_loop")
+PROVIDERS = ("torch", "compile", "fastppo", "trl", "verl", "openrlhf", "liger", "python_loop", "matmul")
 MODES = ("fwd", "fwd_bwd")
 
 

@@ -56,6 +56,54 @@ def token_logprobs(
     return logp, entropy
 
 
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    logit_softcap: float | None = None,
+    chunk_size: int | None = None,
+    head_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` of the logits ``hidden·weightᵀ + bias`` (softcapped as c·tanh(z / c)),
+    ``chunk_size`` rows at a time (default 1024), each chunk recomputed in the backward
+    (``torch.utils.checkpoint``), so that no more than one chunk of logits is held.
+
+    Args: as ``fastppo.linear_logprobs``: hidden ``(..., H)``, weight ``(V, H)``, labels ``(...)``
+    or ``(..., K)``; ``head_dtype`` the projection's dtype (default: hidden's).
+    Returns: fp32 ``logp`` shaped like ``labels`` (and the entropy ``(...)``).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    dtype = head_dtype or hidden.dtype
+    H = weight.shape[1]
+    top_k = labels.dim() == hidden.dim()
+    K = labels.shape[-1] if top_k else 1
+    h, y = hidden.reshape(-1, H), labels.reshape(-1, K)
+
+    def chunk_outputs(h_c, y_c, w, b):
+        z = h_c.to(dtype) @ w.to(dtype).T
+        if b is not None:
+            z = z + b.to(dtype)
+        if logit_softcap is not None:
+            z = logit_softcap * torch.tanh(z.float() / logit_softcap)
+        return token_logprobs(z, y_c, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+
+    step = chunk_size or 1024
+    parts = [
+        checkpoint(chunk_outputs, h[i : i + step], y[i : i + step], weight, bias, use_reentrant=False)
+        for i in range(0, h.shape[0], step)
+    ]
+    logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros((0, K), dtype=torch.float32)
+    entropy = torch.cat([p[1] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
+    logp = logp.float().view(labels.shape)
+    return (logp, entropy.float().view(hidden.shape[:-1])) if return_entropy else logp
+
+
 def unpad(mask: torch.Tensor) -> dict:
     """Packed layout of a ``(B, T)`` 0/1 mask (the reference of ``fastppo.packing.unpad``).
 

@@ -176,3 +176,23 @@ def test_benchmark_rejects_unknown_provider_or_mode():
         harness.Benchmark("x", "numpy", "fwd", "f32", {}, 0, lambda: None)
     with pytest.raises(ValueError, match="mode"):
         harness.Benchmark("x", "torch", "bwd", "f32", {}, 0, lambda: None)
+
+
+def test_linear_logprobs_benchmark(tmp_path):
+    """Eager, unfused and fused fastppo, and the plain products, all measured (TRL's chunked
+    kernel is CUDA-only; Liger is listed as left out where it is not installed)."""
+    proc, result = run_bench(
+        tmp_path,
+        "--ops",
+        "linear_logprobs",
+        "--providers",
+        "torch,fastppo,matmul,liger",
+        "--modes",
+        "fwd_bwd",
+    )
+    assert result["skipped"] == [], result["skipped"]
+    seen = {(r["provider"], r["shape"].get("fused")) for r in result["records"]}
+    assert seen == {("torch", None), ("fastppo", 0), ("fastppo", 1), ("matmul", None)}
+    assert all(r["mode"] == "fwd_bwd" and r["peak_bytes"] is None for r in result["records"])
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert "provider 'liger' left out" in proc.stdout + proc.stderr

@@ -27,8 +27,9 @@ def collect(cfg, models, prompts, seed=1):
 
 def test_token_logprobs_of_equals_full_logits():
     """The stand-in lm_head reads only the response positions; the log-probs and entropies are
-    those of fastppo.token_logprobs over the whole logits, packed or padded, and so are the
-    gradients; the plain path (models whose forward cannot take the stand-in) gives them too."""
+    those of fastppo.token_logprobs over the whole logits, packed or padded, fused
+    (linear_logprobs) or not, and so are the gradients; the plain path (models whose forward
+    cannot take the stand-in) gives them too."""
     tokenizer = tiny.build_tokenizer()
     model = tiny.build_policy(tokenizer, seed=0)
     torch.manual_seed(1)
@@ -43,10 +44,10 @@ def test_token_logprobs_of_equals_full_logits():
     (want_logp[mask].sum() + want_entropy[mask].sum()).backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
     assert rollout.head_runs_last(model)
-    for padding_free in (False, True):
+    for padding_free, fused in ((False, True), (True, True), (False, False), (True, False)):
         model.zero_grad()
         tokens = samples.tokens(padding_free)
-        logp, entropy = rollout.token_logprobs_of(model, tokens, temperature=0.7, entropy=True)
+        logp, entropy = rollout.token_logprobs_of(model, tokens, temperature=0.7, entropy=True, fused=fused)
         torch.testing.assert_close(logp, want_logp[mask], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(entropy, want_entropy[mask], atol=2e-5, rtol=1e-5)
         (logp.sum() + entropy.sum()).backward()

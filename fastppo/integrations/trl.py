@@ -31,10 +31,14 @@ result: 1-D logits on CPU (TRL's fallback loops over the vocabulary), empty batc
 (finite entropy instead of NaN). ``chunk_size`` only bounds the memory of TRL's fallback; fastppo
 never materialises the softmax, so it is accepted and unused (as on TRL's kernel path).
 
-What this does not cover: in trl 1.16.0 the GRPO, RLOO, DPO, KTO and SFT trainers call none of
-these functions. They score completions with ``add_fused_lm_head`` (``trl.kernels.ChunkedLogProbFunction``),
-which fuses the LM-head projection with the log-softmax and never materialises the logits; fastppo has
-no fused-projection op, so ``patch()`` leaves that path as it is.
+TRL's fused LM head: in trl 1.16.0 the GRPO, RLOO, DPO, KTO and SFT trainers call none of the
+functions above; they score completions with ``add_fused_lm_head``, whose forward calls
+``trl.kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature,
+chunk_size, final_logit_softcapping, logit_scale, outputs)``. ``ChunkedLogProbFunction`` here has
+that ``apply`` and its outputs (log-probs, entropy and three statistics TRL may ask for), computed
+by ``fastppo.linear_logprobs`` when the outputs asked are log-probs and entropy (TRL's defaults
+and what its trainers ask); ``chunk_size`` (TRL's vocabulary tile) is TRL's own tuning and is not
+used. Other outputs (``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) run TRL's original.
 """
 
 import torch
@@ -43,6 +47,7 @@ import fastppo
 from fastppo.integrations._patching import Patcher
 
 __all__ = [
+    "ChunkedLogProbFunction",
     "entropy_from_logits",
     "kernel_selective_log_softmax_and_entropy",
     "patch",
@@ -172,8 +177,32 @@ def kernel_selective_log_softmax_and_entropy(
     return logp.float(), entropy.float()
 
 
+class ChunkedLogProbFunction:
+    """TRL's ``ChunkedLogProbFunction`` (an autograd Function used through ``apply``), by
+    ``fastppo.linear_logprobs``: (log_probs, entropy or None, None, None, None), fp32."""
+
+    FASTPPO_OUTPUTS = frozenset(("log_probs", "entropy"))
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
+        if not set(outputs) <= ChunkedLogProbFunction.FASTPPO_OUTPUTS:
+            original = _patcher.original("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")
+            return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                  final_logit_softcapping, logit_scale, outputs)  # fmt: skip
+        if logit_scale != 1.0:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b, before the softcap as TRL has it
+            hidden = hidden * logit_scale
+            bias = None if bias is None else bias * logit_scale
+        logp, entropy = fastppo.linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True,
+            logit_softcap=final_logit_softcapping,
+        )  # fmt: skip
+        return logp, entropy if "entropy" in outputs else None, None, None, None
+
+
 def _targets() -> list[tuple[str, str, object]]:
     targets = [
+        ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", ChunkedLogProbFunction),
         ("trl.trainer.utils", "selective_log_softmax", selective_log_softmax),
         ("trl.trainer.utils", "entropy_from_logits", entropy_from_logits),
         ("trl.trainer.utils", "selective_log_softmax_and_entropy", selective_log_softmax_and_entropy),

@@ -15,6 +15,9 @@ compute_policy_loss_vanilla         ``ppo_policy_loss`` (dual clip = ``clip_rati
 compute_value_loss                  ``value_loss``
 logprobs_from_logits                ``token_logprobs``
 entropy_from_logits(_with_chunking) ``token_logprobs(return_entropy=True)``
+linear_cross_entropy                ``linear_logprobs(return_entropy=True)`` (verl's fused-kernel
+                                    path, ``use_fused_kernels``; reduction "none", no vocabulary
+                                    split across a process group; else verl's own)
 ==================================  =====================================================
 
 ``patch()`` swaps them into verl: the functions in their modules and in every loaded verl module
@@ -40,6 +43,7 @@ from fastppo.integrations._peer_numerics import nan_if_zero
 
 _CORE = "verl.trainer.ppo.core_algos"
 _TORCH_FUNCTIONAL = "verl.utils.torch_functional"
+_LINEAR_CE = "verl.utils.kernel.linear_cross_entropy"
 REGISTERED_NAME = "fastppo_vanilla"
 
 # verl's KL estimator names → fastppo's ("full", on whole-vocabulary log-probs, verl does not implement).
@@ -448,6 +452,20 @@ def _verl_in_place_ce() -> bool:
     return bool(available) and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
 
 
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """verl's fused lm_head + log-prob entry (``verl.utils.kernel.linear_cross_entropy``):
+    ``(log_probs, entropy)``, each ``(N,)`` fp32 over the flattened tokens of ``hidden`` (..., H)
+    and ``labels`` (...). A reduction other than "none" or a vocabulary split across
+    ``dist_process_group`` runs verl's own."""
+    if str(reduction).lower() != "none" or dist_process_group is not None:
+        original = _PATCHER.original(_LINEAR_CE, "linear_cross_entropy")
+        return original(hidden, weight, labels, temperature, reduction, dist_process_group)
+    return fastppo.linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature=temperature,
+        return_entropy=True,
+    )  # fmt: skip
+
+
 def logprobs_from_logits(logits, labels, inplace_backward=True):
     """verl's ``logprobs_from_logits`` by ``fastppo.token_logprobs``.
 
@@ -500,6 +518,7 @@ _FUNCTIONS = {
         "compute_value_loss",
     ),
     _TORCH_FUNCTIONAL: ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"),
+    _LINEAR_CE: ("linear_cross_entropy",),
 }
 _ADV_ESTIMATORS = {
     "gae": "compute_gae_advantage_return",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 #: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
 SECTIONS = {
-    "model": "policy critic attention padding_free".split(),
+    "model": "policy critic attention padding_free fused_lm_head".split(),
     "data": "prompts reward".split(),
     "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
                 "dynamic_sampling").split(),
@@ -56,6 +56,11 @@ class PPOConfig:
         "or eager a packed row needs a block-diagonal mask over all its tokens, "
         "which costs more than padding.",
         default=None,
+    )
+    fused_lm_head: bool = _help(
+        "Log-probs straight from hidden states and the lm_head weight (fastppo.linear_logprobs: the "
+        "logits never exist beyond a chunk of rows); false: lm_head, then token_logprobs on its logits.",
+        default=True,
     )
 
     # Data.
@@ -240,6 +245,11 @@ class OfflineConfig:
     warmup_steps: int = _help("Scheduler warm-up in optimizer steps.", default=0)
     max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
     max_nonfinite_steps: int = _help("Stop after this many skipped (non-finite) steps in a row.", default=3)
+    fused_lm_head: bool = _help(
+        "Sequence log-probs through fastppo.linear_logprobs (no logits beyond a chunk of rows); "
+        "false: lm_head, then token_logprobs.",
+        default=True,
+    )
 
     def __post_init__(self):
         for name in ("epochs", "n_synthetic", "batch_size", "lr", "max_grad_norm", "max_nonfinite_steps"):

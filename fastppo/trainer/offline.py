@@ -6,6 +6,7 @@ step to ``metrics.jsonl``, held-out evaluation after every epoch, an atomic chec
 """
 
 import copy
+import functools
 import math
 import random
 from dataclasses import asdict
@@ -44,7 +45,9 @@ def load_causal_lm(cfg: OfflineConfig, tokenizer):
     return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attention(cfg))
 
 
-def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> torch.Tensor:
+def sequence_logprobs(
+    model, batch: dict, padding_free: bool | None = None, fused: bool = True
+) -> torch.Tensor:
     """(B,) log-probability of each row's response tokens (``labels`` != -100): a sum of token
     log-probs, through the loops' one model-to-log-probs path (``rollout.token_logprobs_of``).
 
@@ -59,7 +62,7 @@ def sequence_logprobs(model, batch: dict, padding_free: bool | None = None) -> t
     tokens = TokenBatch.build(
         batch["input_ids"], batch["attention_mask"], next_labels, padding_free=padding_free
     )
-    logp, _ = token_logprobs_of(model, tokens, temperature=1.0)
+    logp, _ = token_logprobs_of(model, tokens, temperature=1.0, fused=fused)
     return tokens.row_sums(logp)
 
 
@@ -71,10 +74,10 @@ def on(device, batch: dict) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def sft_loss(model, tokenizer, rows, device):
+def sft_loss(model, tokenizer, rows, device, fused: bool = True):
     batch = on(device, data.encode(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows]))
     n_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-    loss = -sequence_logprobs(model, batch).sum() / n_tokens  # mean NLL per response token
+    loss = -sequence_logprobs(model, batch, fused=fused).sum() / n_tokens  # mean NLL per response token
     return loss, {"loss": loss.detach(), "perplexity": loss.detach().exp()}
 
 
@@ -102,11 +105,12 @@ def make_dpo_loss(cfg: DPOConfig, reference):
         chosen, rejected = pair_batches(tokenizer, rows, device)
         with torch.no_grad():  # reference log-probs: once per batch, no graph
             ref_chosen, ref_rejected = (
-                sequence_logprobs(reference, chosen),
-                sequence_logprobs(reference, rejected),
+                sequence_logprobs(reference, chosen, fused=cfg.fused_lm_head),
+                sequence_logprobs(reference, rejected, fused=cfg.fused_lm_head),
             )
         loss, chosen_rewards, rejected_rewards = fastppo.dpo_loss(
-            sequence_logprobs(model, chosen), sequence_logprobs(model, rejected), ref_chosen, ref_rejected,
+            sequence_logprobs(model, chosen, fused=cfg.fused_lm_head),
+            sequence_logprobs(model, rejected, fused=cfg.fused_lm_head), ref_chosen, ref_rejected,
             beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
         )  # fmt: skip
         margin = chosen_rewards - rejected_rewards
@@ -209,7 +213,8 @@ def train_sft(cfg: SFTConfig, log=print) -> list[dict]:
         if cfg.data
         else data.synthetic_sft(cfg.n_synthetic, cfg.seed)
     )
-    return fit(cfg, "sft", load_causal_lm(cfg, tokenizer), tokenizer, rows, sft_loss, log)
+    loss = functools.partial(sft_loss, fused=cfg.fused_lm_head)
+    return fit(cfg, "sft", load_causal_lm(cfg, tokenizer), tokenizer, rows, loss, log)
 
 
 def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:

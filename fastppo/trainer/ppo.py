@@ -172,7 +172,7 @@ def sample_rollout(run: Run) -> Rollout:
     return collect(
         run.policy, run.reference, run.critic, run.tokenizer, prompts, run.reward_fn, run.device,
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, padding_free=cfg.padding_free,
+        top_p=cfg.top_p, padding_free=cfg.padding_free, fused=cfg.fused_lm_head,
     )  # fmt: skip
 
 
@@ -221,7 +221,9 @@ def micro_batch_losses(
     mean over the mini-batch's ``n_tokens``). The policy and critic passes share one layout."""
     tokens = batch.tokens(cfg.padding_free)
     with runtime.autocast(device):
-        logp, entropy = token_logprobs_of(policy, tokens, temperature=cfg.temperature, entropy=True)
+        logp, entropy = token_logprobs_of(
+            policy, tokens, temperature=cfg.temperature, entropy=True, fused=cfg.fused_lm_head
+        )
     kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
     weights = batch.flat(algorithms.token_weights(batch.response_mask, cfg.loss_agg))
     policy_sum, stats = POLICY_LOSSES[cfg.policy_loss].compute(PolicyLossInputs(

@@ -8,9 +8,10 @@ SFT, DPO):
   predict a label. The policy, reference and critic passes of that batch share it.
 - ``token_logprobs_of`` runs the model on it and applies the lm_head to the label-predicting
   positions only: the model's own forward computes them (``logits_to_keep``) and its lm_head
-  is stood in for by ``ResponseHead``, which turns the body's hidden states there into log-probs
-  (lm_head + ``fastppo.token_logprobs``). DDP and FSDP see an ordinary forward, and a fused
-  lm_head op can replace those two steps inside ``ResponseHead`` without any caller changing.
+  is stood in for by ``ResponseHead``, which turns the body's hidden states there into log-probs:
+  ``fastppo.linear_logprobs`` with the lm_head's weight (fused: the logits never exist beyond
+  one chunk of rows), or the lm_head then ``fastppo.token_logprobs`` (``fused=False``). DDP and
+  FSDP see an ordinary forward, with the head's weight gathered inside it.
 - ``values_of`` reads a critic (a token-classification model) at the same positions.
 
 Shapes: B sequences of P prompt positions (left-padded) and R response positions (right-padded);
@@ -129,16 +130,22 @@ class ResponseHead(torch.nn.Module):
     """Stands in for a causal LM's lm_head during one forward: from the body's hidden states at
     the kept positions, (n, 2) = log-prob of each label and the entropy at its position."""
 
-    def __init__(self, lm_head: torch.nn.Module, tokens: TokenBatch, temperature: float, entropy: bool):
+    def __init__(
+        self, lm_head: torch.nn.Module, tokens: TokenBatch, temperature: float, entropy: bool, fused: bool
+    ):
         super().__init__()
-        self.lm_head, self.tokens, self.temperature, self.entropy = lm_head, tokens, temperature, entropy
+        self.lm_head, self.tokens, self.temperature = lm_head, tokens, temperature
+        self.entropy, self.fused = entropy, fused and isinstance(lm_head, torch.nn.Linear)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])[self.tokens.rows]  # (n, H): response positions only
-        logits = self.lm_head(h)
-        out = fastppo.token_logprobs(
-            logits, self.tokens.labels, temperature=self.temperature, return_entropy=self.entropy
-        )
+        kwargs = dict(temperature=self.temperature, return_entropy=self.entropy)
+        if self.fused:
+            out = fastppo.linear_logprobs(
+                h, self.lm_head.weight, self.tokens.labels, bias=self.lm_head.bias, **kwargs
+            )
+        else:
+            out = fastppo.token_logprobs(self.lm_head(h), self.tokens.labels, **kwargs)
         return torch.stack(out, -1) if self.entropy else out[:, None]
 
 
@@ -161,13 +168,14 @@ def head_replaced(model: torch.nn.Module, head: torch.nn.Module):
 
 
 def token_logprobs_of(
-    model, tokens: TokenBatch, *, temperature: float, entropy: bool = False
+    model, tokens: TokenBatch, *, temperature: float, entropy: bool = False, fused: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(n,) log-probs of ``tokens.labels`` under ``model`` (a causal LM, possibly DDP/FSDP-wrapped)
-    at ``temperature``, and the entropy at each position when asked; fp32."""
+    at ``temperature``, and the entropy at each position when asked; fp32. ``fused``: through
+    ``fastppo.linear_logprobs`` (no logits beyond a chunk), else lm_head + ``token_logprobs``."""
     causal_lm = runtime.unwrap(model)
     if head_runs_last(causal_lm):
-        head = ResponseHead(causal_lm.get_output_embeddings(), tokens, temperature, entropy)
+        head = ResponseHead(causal_lm.get_output_embeddings(), tokens, temperature, entropy, fused)
         with head_replaced(causal_lm, head):
             out = model(**tokens.inputs, logits_to_keep=tokens.positions).logits
         return out[..., 0], (out[..., 1] if entropy else None)
@@ -326,10 +334,11 @@ def collect(
     temperature: float,
     top_p: float,
     padding_free: bool,
+    fused: bool = True,
 ) -> Rollout:
     """Generate ``group_size`` responses per prompt, score them, and read the policy's and the
-    reference's log-probs (at the sampling temperature) and the critic's values, all through one
-    layout of the batch."""
+    reference's log-probs (at the sampling temperature; ``fused``: see ``token_logprobs_of``) and
+    the critic's values, all through one layout of the batch."""
     repeated = [p for p in prompts for _ in range(group_size)]
     policy.eval()
     if critic is not None:
@@ -339,8 +348,8 @@ def collect(
     scores = torch.tensor(reward_fn(repeated, samples.texts), dtype=torch.float32, device=device)
     tokens = samples.tokens(padding_free)
     with runtime.autocast(device):
-        old_logp, _ = token_logprobs_of(policy, tokens, temperature=temperature)
-        ref_logp, _ = token_logprobs_of(reference, tokens, temperature=temperature)
+        old_logp, _ = token_logprobs_of(policy, tokens, temperature=temperature, fused=fused)
+        ref_logp, _ = token_logprobs_of(reference, tokens, temperature=temperature, fused=fused)
         values = values_of(critic, tokens) if critic is not None else None
     mask = samples.response_mask
     return Rollout(

@@ -549,3 +549,32 @@ def test_cuda_matches_trl_kernel(dtype, masked):
         assert fn(logits, index, row_mask=row_mask).dtype == torch.float32
     for fn in (adapter.entropy_from_logits, trl_utils.entropy_from_logits):
         assert fn(logits).dtype == torch.float32
+
+
+# --- TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) ------------------------------------
+
+
+@pytest.mark.parametrize("softcap, scale, with_bias", [(None, 1.0, False), (30.0, 0.5, True)])
+def test_chunked_logprob_function_matches_trl(softcap, scale, with_bias):
+    """Values and gradients (hidden, weight, bias) of the adapter against TRL's own function, with
+    Gemma's softcap and a logit scale; outputs TRL computes and fastppo does not run TRL's."""
+    from trl.kernels import ChunkedLogProbFunction as TRLFunction
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(29, 16, generator=g)
+    weight = torch.randn(211, 16, generator=g) * 0.5
+    bias = torch.randn(211, generator=g) if with_bias else None
+    targets = torch.randint(0, 211, (29,), generator=g)
+    upstream = torch.randn(29, generator=g), torch.randn(29, generator=g)
+    results = []
+    for fn in (adapter.ChunkedLogProbFunction, TRLFunction):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+        logp, entropy, *rest = fn.apply(*leaves, targets, 0.7, 64, softcap, scale, ("log_probs", "entropy"))
+        assert all(r is None for r in rest)
+        ((logp * upstream[0]).sum() + (entropy * upstream[1]).sum()).backward()
+        results.append([logp, entropy, *(t.grad for t in leaves if t is not None)])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    extra = adapter.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0,
+                                                 ("log_probs", "is_top1"))  # fmt: skip
+    assert extra[4] is not None and extra[4].dtype == torch.bool  # TRL's original computed it

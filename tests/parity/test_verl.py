@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import verl.trainer.ppo.core_algos as core  # the parity extra (README set-up); a missing peer fails
+import verl.utils.kernel.linear_cross_entropy as verl_linear_ce
 import verl.utils.torch_functional as verl_F
 from verl.workers.config import ActorConfig
 
@@ -340,6 +341,7 @@ def test_logprobs_and_entropy_match_verl_fp32(device):
 
 TARGETS = [(core, name) for name in fastppo_verl._FUNCTIONS[fastppo_verl._CORE]]
 TARGETS += [(verl_F, name) for name in fastppo_verl._FUNCTIONS[fastppo_verl._TORCH_FUNCTIONAL]]
+TARGETS += [(verl_linear_ce, "linear_cross_entropy")]
 
 
 def snapshot():
@@ -471,3 +473,53 @@ def test_user_override_of_a_registry_entry_is_left_alone():
         assert core.get_adv_estimator_fn("grpo") is custom
     finally:
         core.ADV_ESTIMATOR_REGISTRY["grpo"] = original
+
+
+# --- verl's fused-kernel path: verl.utils.kernel.linear_cross_entropy ------------------------------
+
+
+def test_linear_cross_entropy_follows_verl():
+    """verl's kernel is CUDA-only (the GPU test below compares with it); here the adapter is held
+    against verl's definition written out in fp64: log_probs = z_y − logsumexp(z), entropy, z the
+    logits over the temperature, flat (N,) fp32 outputs of (B, T, H) hidden states."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    weight = torch.randn(97, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 97, (2, 5), generator=g)
+    logp, entropy = fastppo_verl.linear_cross_entropy(hidden, weight, labels, 0.8, "none")
+    z = (hidden.double().reshape(-1, 16) @ weight.double().T) / 0.8
+    log_softmax = torch.log_softmax(z, -1)
+    assert logp.shape == entropy.shape == (10,) and logp.dtype == torch.float32
+    torch.testing.assert_close(
+        logp.double(), log_softmax.gather(1, labels.reshape(-1, 1))[:, 0], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        entropy.double(), -(log_softmax.exp() * log_softmax).sum(-1), rtol=1e-5, atol=1e-5
+    )
+    (logp.sum() + entropy.sum()).backward()
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+
+
+def test_linear_cross_entropy_reductions_run_verls_own():
+    """A reduction fastppo does not return goes to verl's function, which needs CUDA (NVTX ranges,
+    CUDA tensors): on CPU it raises from inside verl's module."""
+    x = torch.randn(4, 8)
+    with pytest.raises((AssertionError, RuntimeError)) as raised:
+        fastppo_verl.linear_cross_entropy(x, torch.randn(11, 8), torch.randint(0, 11, (4,)), 1.0, "mean")
+    assert any("verl/utils/kernel/linear_cross_entropy.py" in str(entry.path) for entry in raised.traceback)
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_matches_verl_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(32000, 256, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    labels = torch.randint(0, 32000, (512,), device="cuda", generator=g)
+    results = []
+    for fn in (fastppo_verl.linear_cross_entropy, verl_linear_ce.LinearCrossEntropy.apply):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = fn(h, w, labels, 0.7, "none")
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        results.append((logp.float(), entropy.float(), h.grad.float(), w.grad.float()))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
