@@ -5,6 +5,7 @@ is written for clarity (vectorised, no Python loops over tokens) and is differen
 PyTorch's autograd. Math: ../shared/DESIGN.md §4.
 """
 
+import functools
 import math
 
 import torch
@@ -94,10 +95,13 @@ def linear_logprobs(
         return token_logprobs(z, y_c, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
 
     step = chunk_size or 1024
-    parts = [
-        checkpoint(chunk_outputs, h[i : i + step], y[i : i + step], weight, bias, use_reentrant=False)
-        for i in range(0, h.shape[0], step)
-    ]
+    # One chunk holds no more than itself: it needs no recomputation.
+    run = (
+        chunk_outputs
+        if h.shape[0] <= step
+        else functools.partial(checkpoint, chunk_outputs, use_reentrant=False)
+    )
+    parts = [run(h[i : i + step], y[i : i + step], weight, bias) for i in range(0, h.shape[0], step)]
     logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros((0, K), dtype=torch.float32)
     entropy = torch.cat([p[1] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
     logp = logp.float().view(labels.shape)
