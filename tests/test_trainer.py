@@ -386,3 +386,32 @@ def test_two_processes_with_uneven_updates(tmp_path):
     assert "rank 1: 2 ranks in sync" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and any(0 < r["updated_fraction"] < 1 for r in records)
+
+
+def test_a_run_folder_is_not_overwritten_by_accident(tmp_path):
+    small = dict(iterations=1, batch_size=16, minibatch_size=8, output_dir=str(tmp_path))
+    train(PPOConfig(**small), log=quiet)
+    with pytest.raises(ValueError, match="holds a run; pass --resume to continue it, --overwrite"):
+        train(PPOConfig(**small), log=quiet)
+    (tmp_path / "checkpoint-1" / "marker").write_text("old")
+    train(PPOConfig(**small, overwrite=True), log=quiet)
+    assert not (tmp_path / "checkpoint-1" / "marker").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["overwrite"] is True and saved["advantage"] == "gae" and saved["iterations"] == 1
+    with pytest.raises(ValueError, match="resume and overwrite"):
+        PPOConfig(resume=True, overwrite=True)
+
+
+def test_resume_rewrites_the_rows_after_its_checkpoint_and_keeps_the_newest(tmp_path):
+    """An interrupted run logged iterations 3-4 but its last checkpoint is 2: the resumed run logs
+    them again, once; --save_total_limit keeps the newest checkpoints only."""
+    cfg = dict(batch_size=16, minibatch_size=8, output_dir=str(tmp_path), save_every=2, save_total_limit=2)
+    train(PPOConfig(iterations=4, **cfg), log=quiet)
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed after logging iteration 4
+    train(PPOConfig(iterations=6, resume=True, **cfg), log=quiet)
+    rows = [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]

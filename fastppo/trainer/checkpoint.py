@@ -68,13 +68,41 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of ``output_dir``, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
-        return None
+        return []
     steps = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps)]
+
+
+def keep_newest(output_dir: str | Path, limit: int) -> None:
+    """Delete all but the ``limit`` newest checkpoints (``limit`` 0: keep all)."""
+    if limit > 0:
+        for old in checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old)
+
+
+def holds_a_run(output_dir: str | Path) -> bool:
+    output_dir = Path(output_dir)
+    return (output_dir / "metrics.jsonl").exists() or bool(checkpoints(output_dir))
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove what a run writes into ``output_dir`` (metrics, plot, TensorBoard, checkpoints, config)."""
+    output_dir = Path(output_dir)
+    for name in ("metrics.jsonl", "metrics.png", "config.json"):
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "tensorboard", ignore_errors=True)
+    for path in checkpoints(output_dir):
+        shutil.rmtree(path)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -20,7 +20,7 @@ SECTIONS = {
                   "whiten_advantages").split(),
     "optimisation": ("iterations minibatch_size max_tokens_per_microbatch lr critic_lr lr_scheduler "
                      "warmup_steps max_grad_norm max_nonfinite_steps seed").split(),
-    "logging": "output_dir resume save_every".split(),
+    "logging": "output_dir resume overwrite save_every save_total_limit".split(),
     "distributed": "device fsdp".split(),
 }  # fmt: skip
 
@@ -145,7 +145,12 @@ class PPOConfig:
         "Checkpoints, metrics.jsonl and logs (default fastppo-runs/<algo>).", default=None
     )
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", default=False)
+    overwrite: bool = _help(
+        "Start over in an output_dir that holds a run (its metrics, plot and checkpoints are removed).",
+        default=False,
+    )
     save_every: int = _help("Checkpoint every N iterations (0: only at the end).", default=0)
+    save_total_limit: int = _help("Keep only the newest N checkpoints (0: keep all).", default=0)
 
     # Devices and processes.
     device: str = _help(
@@ -194,8 +199,12 @@ class PPOConfig:
             raise ValueError(f"clip_high must be > 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0:
-            raise ValueError("kl_coef, warmup_steps and save_every must be >= 0")
+        if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.save_total_limit < 0:
+            raise ValueError("kl_coef, warmup_steps, save_every and save_total_limit must be >= 0")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite: choose one (continue the run in output_dir, or start over)"
+            )
         if (estimator.needs_groups or self.dynamic_sampling) and self.group_size < 2:
             raise ValueError(
                 f"{self.advantage} needs group_size >= 2 (responses per prompt), got {self.group_size}"

@@ -13,6 +13,7 @@ computed are read from the registries in ``algorithms.py``; nothing here branche
 """
 
 import copy
+import json
 import math
 import random
 import time
@@ -112,7 +113,19 @@ def set_up(cfg: PPOConfig, log) -> Run:
     distributed = runtime.init_distributed(device)
     runtime.seed_everything(cfg.seed)  # the same initial models on every rank
     out = Path(cfg.output_dir)
+    if checkpoint.holds_a_run(out) and not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(
+                f"output_dir: {out} holds a run; pass --resume to continue it, --overwrite to start over, "
+                "or another --output_dir"
+            )
+        if distributed.main:
+            checkpoint.clear_run(out)
+        if distributed.enabled:
+            torch.distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
+    if distributed.main:  # what this run was asked, beside what it logs
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     attention = runtime.attention_implementation(cfg.attention, device)
     if cfg.padding_free is None:
         cfg = replace(cfg, padding_free=runtime.varlen_attention(attention))
@@ -364,6 +377,7 @@ def save(run: Run, iteration: int) -> None:
         models = {"policy": runtime.unwrap(run.policy), "reference": run.reference,
                   "critic": runtime.unwrap(run.critic) if run.critic is not None else None}  # fmt: skip
         checkpoint.save_checkpoint(run.out, iteration, models, run.tokenizer, state, state_dicts=full)
+        checkpoint.keep_newest(run.out, run.cfg.save_total_limit)
     if run.distributed.enabled:
         torch.distributed.barrier()
 
@@ -381,7 +395,10 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
     run = set_up(cfg, log)
     history = []
-    metrics = MetricsWriter(run.out, enabled=run.distributed.main, log=log)
+    # A resumed run rewrites what the interrupted one logged after its checkpoint.
+    metrics = MetricsWriter(
+        run.out, enabled=run.distributed.main, log=log, resume_at=run.start if cfg.resume else None
+    )
     bar = tqdm(range(run.start, cfg.iterations), initial=run.start, total=cfg.iterations, desc=cfg.algo,
                disable=not run.distributed.main)  # fmt: skip
     for iteration in bar:
