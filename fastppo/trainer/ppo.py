@@ -121,8 +121,8 @@ def set_up(cfg: PPOConfig, log) -> Run:
             )
         if distributed.main:
             checkpoint.clear_run(out)
-        if distributed.enabled:
-            torch.distributed.barrier()
+    if distributed.enabled:  # every rank has looked at the folder before rank 0 writes into it
+        torch.distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if distributed.main:  # what this run was asked, beside what it logs
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
