@@ -1,12 +1,15 @@
-"""Fused PPO clipped policy loss: Triton kernel and launchers.
+"""Fused policy loss (PPO clip, GSPO, CISPO, SAPO, rollout correction): Triton kernels and launchers.
 
-One program per (row, chunk of T) reads logp, old_logp, advantages and mask once (plus ref_logp
-and entropy when given) and writes the per-token derivative ∂l/∂logp (masked, fp32) and a row of
-partial sums; ``masked_reduce`` then aggregates them in a fixed order. Per token, with
-r = exp(clamp(logp − old_logp, −20, 20)):
-    l = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high))
-    l = min(l, −A·c)                 when dual clip c is set and A < 0
-    l += kl_coef · kl(logp, ref_logp) − entropy_coef · entropy
+One program per (row, chunk of T) reads logp, old_logp, advantages and mask once (plus ref_logp,
+entropy, weights and rollout_logp when given) and writes the per-token derivative ∂l/∂logp
+(masked, fp32) and a row of partial sums; ``masked_reduce`` then aggregates them in a fixed order.
+The math is ``fastppo.reference.policy_loss``'s docstring. Every per-token derivative is local
+(GSPO's token form has the sequence ratio as a constant value and ∂r/∂logpₜ = r), so the backward
+is the stored derivative scaled per row.
+
+Sequence-level quantities (GSPO's mean log-ratio, the sequence rollout weight) need per-row sums
+before the per-token pass: a row held in one chunk sums its own tile; longer rows get them from
+``_row_sums_kernel`` (one partial per chunk, added in chunk order by each program of the row).
 """
 
 import torch
@@ -27,8 +30,104 @@ STATS = (
     "ratio_max",
     "kl",
     "entropy",
+    "is_weight_mean",
+    "is_filtered",
+    "rollout_kl",
+    "rollout_kl_k3",
 )
 _RATIO_MAX = STATS.index("ratio_max")
+
+#: Codes the kernels switch on (constexprs: one compiled variant each).
+LOSSES = {"clip": 0, "cispo": 1, "sapo": 2}
+ROLLOUT_LEVELS = {"token": 1, "sequence": 2, "geometric": 3}
+#: Per-row sums: Σ m·(logp − old_logp), Σ m, Σ m·(old_logp − rollout_logp).
+_ROW_COLUMNS = 3
+
+
+@triton.jit
+def _row_sum_terms(m, counted, log_ratio, trainer_over_sampler):
+    """This tile's contribution to the per-row sums (masked; padding may hold inf or NaN)."""
+    s_lr = tl.sum(tl.where(counted, m * log_ratio, 0.0), axis=0)
+    s_d = tl.sum(tl.where(counted, m * trainer_over_sampler, 0.0), axis=0)
+    return s_lr, tl.sum(m, axis=0), s_d
+
+
+@triton.jit
+def _row_sums_kernel(
+    logp_ptr,
+    old_logp_ptr,
+    rollout_logp_ptr,
+    mask_ptr,
+    row_sums_ptr,
+    T,
+    n_chunks,
+    BLOCK_T: tl.constexpr,
+    SUM_LOG_RATIO: tl.constexpr,
+    SUM_ROLLOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    _, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
+    m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
+    old_logp = tl.load(old_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    log_ratio = tl.zeros((BLOCK_T,), tl.float32)
+    if SUM_LOG_RATIO:
+        log_ratio = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32) - old_logp
+    d = tl.zeros((BLOCK_T,), tl.float32)
+    if SUM_ROLLOUT:
+        d = old_logp - tl.load(rollout_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    s_lr, s_m, s_d = _row_sum_terms(m, m != 0, log_ratio, d)
+    out = row_sums_ptr + pid.to(tl.int64) * 3
+    tl.store(out + 0, s_lr)
+    tl.store(out + 1, s_m)
+    tl.store(out + 2, s_d)
+
+
+@triton.jit
+def _rollout_weight(d, s_d, s_m, low, high, LEVEL: tl.constexpr, MASK: tl.constexpr):
+    """(weight, filtered) of the rollout correction from d = old_logp − rollout_logp per token
+    and the row sums Σ m·d, Σ m."""
+    if LEVEL == 1:
+        rho = tl.exp(tl.minimum(tl.maximum(d, -20.0), 20.0))
+    elif LEVEL == 2:
+        rho = tl.exp(tl.minimum(tl.maximum(s_d, -20.0), 20.0)) + tl.zeros_like(d)
+    else:
+        rho = tl.exp(s_d / tl.maximum(s_m, 1.0)) + tl.zeros_like(d)
+    if MASK:
+        keep = (rho >= low) & (rho <= high)
+        return tl.where(keep, rho, 0.0), ~keep
+    w = tl.minimum(tl.maximum(rho, low), high)
+    return w, w != rho
+
+
+@triton.jit
+def _surrogate(logp, ratio, grad_ok, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
+               LOSS: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr):  # fmt: skip
+    """(l, ∂l/∂logp, clipped, lower) per token; ``grad_ok`` is False where a clamp holds the ratio."""
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    lower = tl.zeros(ratio.shape, tl.int1)
+    if LOSS == 1:  # cispo: the clipped ratio is a constant weight on logp
+        loss = -clipped_ratio * adv * logp
+        dloss = -clipped_ratio * adv
+        clipped = clipped_ratio != ratio
+    elif LOSS == 2:  # sapo: a sigmoid gate in place of the clip
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -adv * gate * 4.0 / tau
+        dloss = tl.where(grad_ok, -adv * 4.0 * gate * (1.0 - gate) * ratio, 0.0)
+        clipped = lower
+    else:
+        pg_unclipped = -adv * ratio
+        pg_clipped = -adv * clipped_ratio
+        clipped = pg_clipped > pg_unclipped
+        loss = tl.maximum(pg_unclipped, pg_clipped)
+        # The clipped branch, when strictly larger, is constant in logp; so is a clamped ratio.
+        dloss = tl.where(clipped | ~grad_ok, 0.0, pg_unclipped)
+        if HAS_DUAL_CLIP:
+            floor = -adv * dual_clip
+            lower = (adv < 0) & (loss > floor)
+            loss = tl.where(lower, floor, loss)
+            dloss = tl.where(lower, 0.0, dloss)
+    return loss, dloss, clipped, lower
 
 
 @triton.jit
@@ -39,6 +138,9 @@ def _ppo_policy_loss_fwd_kernel(
     mask_ptr,
     ref_logp_ptr,
     entropy_ptr,
+    weights_ptr,
+    rollout_logp_ptr,
+    row_sums_ptr,
     dlogp_ptr,
     partials_ptr,
     clip_low,
@@ -46,40 +148,78 @@ def _ppo_policy_loss_fwd_kernel(
     dual_clip,
     kl_coef,
     entropy_coef,
+    tau_pos,
+    tau_neg,
+    rollout_low,
+    rollout_high,
     T,
     n_chunks,
     BLOCK_T: tl.constexpr,
+    LOSS: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
     HAS_DUAL_CLIP: tl.constexpr,
     HAS_KL: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    ROLLOUT: tl.constexpr,
+    ROLLOUT_MASK: tl.constexpr,
     STORE_GRAD: tl.constexpr,
     N_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    _, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
+    row, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
 
     m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
     counted = m != 0
     logp = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     old_logp = tl.load(old_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     adv = tl.load(advantages_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-
     log_ratio = logp - old_logp
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    clipped = pg_clipped > pg_unclipped
-    loss = tl.maximum(pg_unclipped, pg_clipped)
-    # The clipped branch, when strictly larger, is constant in logp; so is the clamped log-ratio.
-    dloss = tl.where(clipped | (tl.abs(log_ratio) > 20.0), 0.0, pg_unclipped)
-    if HAS_DUAL_CLIP:
-        floor = -adv * dual_clip
-        lower = (adv < 0) & (loss > floor)
-        loss = tl.where(lower, floor, loss)
-        dloss = tl.where(lower, 0.0, dloss)
+    d = tl.zeros((BLOCK_T,), tl.float32)  # old_logp − rollout_logp
+    rollout_logp = old_logp
+    if ROLLOUT > 0:
+        rollout_logp = tl.load(rollout_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        d = old_logp - rollout_logp
+
+    # Per-row sums (ROW_SUMS: 0 none, 1 this tile is the whole row, 2 from _row_sums_kernel).
+    s_lr = tl.zeros((), tl.float32)
+    s_m = tl.zeros((), tl.float32)
+    s_d = tl.zeros((), tl.float32)
+    if ROW_SUMS == 1:
+        s_lr, s_m, s_d = _row_sum_terms(m, counted, log_ratio, d)
+    elif ROW_SUMS == 2:
+        for c in range(0, n_chunks):
+            part = row_sums_ptr + (row.to(tl.int64) * n_chunks + c) * 3
+            s_lr += tl.load(part + 0)
+            s_m += tl.load(part + 1)
+            s_d += tl.load(part + 2)
+
+    if SEQ_RATIO:
+        seq_log_ratio = s_lr / tl.maximum(s_m, 1.0)
+        seq_log_ratio += tl.zeros((BLOCK_T,), tl.float32)  # one value per token of the row
+        ratio = tl.exp(tl.minimum(seq_log_ratio, 10.0))
+        grad_ok = seq_log_ratio <= 10.0
     else:
-        lower = tl.zeros((BLOCK_T,), tl.int1)
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+        grad_ok = tl.abs(log_ratio) <= 20.0
+    loss, dloss, clipped, lower = _surrogate(
+        logp, ratio, grad_ok, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg, LOSS, HAS_DUAL_CLIP
+    )
+
+    weight = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if HAS_WEIGHTS:
+        weight = tl.load(weights_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    is_weight = weight
+    filtered = tl.zeros((BLOCK_T,), tl.int1)
+    if ROLLOUT > 0:
+        is_weight, filtered = _rollout_weight(d, s_d, s_m, rollout_low, rollout_high, ROLLOUT, ROLLOUT_MASK)
+        weight *= is_weight
+    if HAS_WEIGHTS or ROLLOUT > 0:
+        loss *= weight
+        dloss *= weight
+
     if HAS_KL:
         ref_logp = tl.load(ref_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         kl, dkl = kl_estimate(logp - ref_logp, 0.0, KL_ESTIMATOR, False)
@@ -106,6 +246,28 @@ def _ppo_policy_loss_fwd_kernel(
     tl.store(part + 6, tl.max(tl.where(counted, ratio, 0.0), axis=0))
     tl.store(part + 7, tl.sum(tl.where(counted, m * kl, 0.0), axis=0))
     tl.store(part + 8, tl.sum(tl.where(counted, m * entropy, 0.0), axis=0))
+    if ROLLOUT > 0:
+        k3, _ = kl_estimate(-d, 0.0, 2, False)  # k3 of the sampler against the trainer
+        tl.store(part + 9, tl.sum(tl.where(counted, m * is_weight, 0.0), axis=0))
+        tl.store(part + 10, tl.sum(tl.where(counted & filtered, m, 0.0), axis=0))
+        tl.store(part + 11, tl.sum(tl.where(counted, -m * d, 0.0), axis=0))
+        tl.store(part + 12, tl.sum(tl.where(counted, m * k3, 0.0), axis=0))
+    else:
+        for j in tl.static_range(9, N_STATS):
+            tl.store(part + j, 0.0)
+
+
+def _row_sums(logp, old_logp, rollout_logp, mask, block_t, n_chunks, *, log_ratio: bool, rollout: bool):
+    """Per-(row, chunk) sums for rows longer than one chunk (``_ROW_COLUMNS`` each), or None."""
+    B, T = logp.shape
+    if not (log_ratio or rollout) or n_chunks == 1:
+        return None
+    row_sums = torch.empty((B * n_chunks, _ROW_COLUMNS), dtype=torch.float32, device=logp.device)
+    _row_sums_kernel[(B * n_chunks,)](
+        logp, old_logp, rollout_logp if rollout else old_logp, mask, row_sums, T, n_chunks,
+        BLOCK_T=block_t, SUM_LOG_RATIO=log_ratio, SUM_ROLLOUT=rollout, num_warps=4 if block_t <= 1024 else 8,
+    )  # fmt: skip
+    return row_sums
 
 
 def ppo_policy_loss_fwd(
@@ -115,13 +277,21 @@ def ppo_policy_loss_fwd(
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None,
     entropy: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    rollout_logp: torch.Tensor | None,
     *,
+    loss: str,
+    ratio_level: str,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
     kl_coef: float,
     kl_estimator: str,
     entropy_coef: float,
+    sapo_tau: tuple[float, float],
+    rollout_level: str | None,
+    rollout_mask: bool,
+    rollout_bounds: tuple[float, float],
     agg: str,
     store_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -131,23 +301,36 @@ def ppo_policy_loss_fwd(
     block_t, n_chunks = chunking(max(T, 1))
     partials = torch.empty((B * n_chunks, len(STATS)), dtype=torch.float32, device=logp.device)
     dlogp = torch.empty((B, T), dtype=torch.float32, device=logp.device) if store_grad else None
+    seq_ratio = ratio_level == "sequence"
+    seq_rollout = rollout_level in ("sequence", "geometric")
     if B * T:
+        row_sums = _row_sums(
+            logp, old_logp, rollout_logp, mask, block_t, n_chunks, log_ratio=seq_ratio, rollout=seq_rollout
+        )
+        row_mode = 0 if not (seq_ratio or seq_rollout) else (1 if row_sums is None else 2)
         _ppo_policy_loss_fwd_kernel[(B * n_chunks,)](
             logp, old_logp, advantages, mask,
             ref_logp if ref_logp is not None else logp,
             entropy if entropy is not None else logp,
+            weights if weights is not None else logp,
+            rollout_logp if rollout_logp is not None else logp,
+            row_sums if row_sums is not None else partials,
             dlogp if store_grad else logp,
             partials,
             clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, kl_coef, entropy_coef,
+            sapo_tau[0], sapo_tau[1], rollout_bounds[0], rollout_bounds[1],
             T, n_chunks,
-            BLOCK_T=block_t, HAS_DUAL_CLIP=dual_clip is not None, HAS_KL=ref_logp is not None,
-            KL_ESTIMATOR=ESTIMATORS[kl_estimator], HAS_ENTROPY=entropy is not None, STORE_GRAD=store_grad,
+            BLOCK_T=block_t, LOSS=LOSSES[loss], SEQ_RATIO=seq_ratio, ROW_SUMS=row_mode,
+            HAS_DUAL_CLIP=dual_clip is not None, HAS_KL=ref_logp is not None,
+            KL_ESTIMATOR=ESTIMATORS[kl_estimator], HAS_ENTROPY=entropy is not None,
+            HAS_WEIGHTS=weights is not None, ROLLOUT=ROLLOUT_LEVELS.get(rollout_level, 0),
+            ROLLOUT_MASK=rollout_mask, STORE_GRAD=store_grad,
             N_STATS=len(STATS), num_warps=4 if block_t <= 1024 else 8,
         )  # fmt: skip
     else:
         partials.zero_()
-    loss, out, row_scale = masked_agg_reduce(partials, B, n_chunks, agg=agg, max_col=_RATIO_MAX)
-    return loss, out, dlogp, row_scale
+    loss_value, out, row_scale = masked_agg_reduce(partials, B, n_chunks, agg=agg, max_col=_RATIO_MAX)
+    return loss_value, out, dlogp, row_scale
 
 
 def ppo_policy_loss_bwd(
