@@ -12,12 +12,16 @@
 Each has the peer's exact signature and returns what the peer returns (shapes, dtypes, tuple
 structure, NaN where the peer divides by an empty mask). A call fastppo cannot express exactly —
 named in each docstring — runs OpenRLHF's original instead; nothing computes something else.
-Importing this module does not import OpenRLHF.
+``PolicyLoss.forward`` covers PPO, GSPO and the vLLM IS correction (every level/mode/gating);
+its fallbacks are GSPO with a row mean log-ratio above 10 or, under autograd, an advantage that
+varies within a row (the one check that reads a value back to the host, once per GSPO call), and
+inputs outside fastppo's types and shapes. Importing this module does not import OpenRLHF.
 
 Known differences (documented, not reproduced): a token whose mask is 0 is ignored even when its
-loss is inf or NaN, where OpenRLHF's ``loss * mask`` turns the whole loss into NaN. An all-zero
-mask without OpenRLHF's global token/sample count gives the NaN loss and metrics OpenRLHF gives;
-the gradient is then NaN at every token, where OpenRLHF's is NaN at most (0 at clipped ones).
+loss, IS weight or metric term is inf or NaN, where OpenRLHF's ``x * mask`` turns the result into
+NaN. An all-zero mask without OpenRLHF's global token/sample count gives the NaN loss and metrics
+OpenRLHF gives; the gradient is then NaN at every token, where OpenRLHF's is NaN at most (0 at
+clipped ones).
 
 OpenRLHF runs the policy and critic losses inside Ray actors: call ``patch()`` in every process
 (e.g. ``ray.init(runtime_env={"worker_process_setup_hook": "fastppo.integrations.openrlhf.patch"})``).
@@ -28,6 +32,7 @@ import torch
 import fastppo
 from fastppo.integrations._patching import Patcher
 from fastppo.integrations._peer_numerics import nan_if_zero
+from fastppo.reference import RolloutCorrection
 
 _UTILS = "openrlhf.models.utils"
 _LOSS = "openrlhf.models.loss"
@@ -35,6 +40,9 @@ _MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
 _MAKER_CLASS = "RemoteExperienceMaker"
 _KL_CLAMP = 10.0  # OpenRLHF bounds every estimator's value to [-10, 10]
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
+_GSPO_LOG_RATIO_MAX = 10.0  # fastppo caps GSPO's mean log-ratio here; OpenRLHF does not
+_GATE_MIN, _GATE_MAX = 1e-8, 1e8  # IS bands inside exp(±20), fastppo's bound on the IS log-ratio
+_PROB_CLAMP = 1e-6  # OpenRLHF's clamp on the probabilities of its binary_kl / tv gates
 
 
 def _original(module_name: str, attribute: str):
@@ -158,6 +166,110 @@ def _token_losses_supported(action_mask, *tensors: torch.Tensor) -> bool:
     )
 
 
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ m·x / Σ m over ``dim`` (all when None, else kept): NaN for an empty mask, as OpenRLHF's."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim, keepdim=True) / mask.sum(dim, keepdim=True)
+
+
+def _gspo_matches(log_probs, ratio_base, advantages, action_mask) -> bool:
+    """Whether the op's GSPO-token form is OpenRLHF's GSPO on these ``(B, T)`` (or ``(T,)``) inputs.
+    One host sync.
+
+    The op caps each row's mean log-ratio at 10 (OpenRLHF does not), so every row must stay at or
+    below it. OpenRLHF's gradient goes through the row mean, so each token receives the row's mean
+    per-token derivative, the op's its own: equal when the advantage is one value over the row's
+    tokens (GRPO's), which only matters when a gradient is wanted (the values are equal anyway).
+    """
+    if log_probs.shape[-1] == 0:
+        return False
+    tokens = action_mask.sum(-1).clamp(min=1)
+    row_log_ratio = ((log_probs.detach() - ratio_base) * action_mask).sum(-1) / tokens
+    bad = ~(row_log_ratio <= _GSPO_LOG_RATIO_MAX)  # NaN included
+    if torch.is_grad_enabled() and log_probs.requires_grad:
+        counted = action_mask != 0
+        highest = torch.where(counted, advantages, -torch.inf).amax(-1)
+        lowest = torch.where(counted, advantages, torch.inf).amin(-1)
+        bad |= highest > lowest
+    return not bool(bad.any())
+
+
+def _policy_supported(self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs) -> bool:
+    """Whether fastppo computes this ``PolicyLoss.forward`` call exactly (GSPO: one host sync)."""
+    correcting = self.is_correction_level != "off"
+    tensors = (log_probs, old_log_probs, advantages) + ((rollout_log_probs,) if correcting else ())
+    dual_clip = self.dual_clip
+    supported = (
+        self.policy_loss_type in ("ppo", "gspo")
+        and _token_losses_supported(action_mask, *tensors)
+        and self.clip_eps_low > 0
+        and self.clip_eps_high > 0
+        and (dual_clip is None or dual_clip > 1.0)
+    )
+    if not supported or self.policy_loss_type == "ppo":
+        return supported
+    ratio_base = rollout_log_probs if correcting else old_log_probs
+    return _gspo_matches(log_probs, ratio_base, advantages, action_mask)
+
+
+def _rollout_correction(self) -> RolloutCorrection | None:
+    """OpenRLHF's token-level ratio gate as the op's ``RolloutCorrection``, where they agree exactly.
+
+    The op bounds d = old − rollout to ±20 before the exp, OpenRLHF does not: that decides no gate
+    while the band lies within [1e-8, 1e8] (inside exp(±20)). None for every other gate.
+    """
+    low, high = self.is_correction_threshold
+    exact = (
+        self.is_correction_level == "token"
+        and self.is_correction_gating == "ratio"
+        and _GATE_MIN <= low <= high <= _GATE_MAX
+    )
+    if not exact:
+        return None
+    mode = "truncate" if self.is_correction_mode == "clip" else "mask"
+    return RolloutCorrection(level="token", mode=mode, high=float(high), low=float(low))
+
+
+def _gate_statistic(gating: str, log_is, old_log_probs, rollout_log_probs, mask, per_sequence: bool):
+    """The statistic OpenRLHF's IS gate reads: ``(B, T)``, or ``(B, 1)`` per sequence.
+
+    ratio: the IS ratio π_old/π_rollout (per sequence: its geometric mean); binary_kl / tv: the
+    divergence between the sampled token's Bernoulli under the sampler p and the trainer q
+    (probabilities clamped to [1e-6, 1 − 1e-6]), per sequence its mean. An empty row gives NaN.
+    """
+    if gating == "ratio":
+        return (_masked_mean(log_is, mask, -1) if per_sequence else log_is).exp()
+    p, q = (x.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP) for x in (rollout_log_probs, old_log_probs))
+    if gating == "binary_kl":
+        stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    else:
+        stat = (p - q).abs()
+    return _masked_mean(stat, mask, -1) if per_sequence else stat
+
+
+def _is_weights(self, old_log_probs, rollout_log_probs, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenRLHF's IS coefficient on the per-token loss, ``(B, T)`` fp32, and its is_filter_ratio (0-d).
+
+    clip: the statistic clamped to the band (filtered: outside it); mask: the per-token IS ratio
+    where the unit's statistic lies in the band, else 0 (filtered: not inside, NaN included). The
+    filter fraction is a masked token mean at token level, the fraction of all rows at seq level.
+    """
+    low, high = self.is_correction_threshold
+    per_sequence = self.is_correction_level == "seq"
+    log_is = old_log_probs - rollout_log_probs
+    stat = _gate_statistic(
+        self.is_correction_gating, log_is, old_log_probs, rollout_log_probs, mask, per_sequence
+    )
+    if self.is_correction_mode == "clip":
+        coef, filtered = stat.clamp(min=low, max=high), (stat < low) | (stat > high)
+    else:
+        kept = (stat >= low) & (stat <= high)
+        coef, filtered = torch.where(kept, log_is.exp(), 0.0), ~kept
+    ratio = filtered.float().mean() if per_sequence else _masked_mean(filtered.float(), mask)
+    return coef, ratio
+
+
 def policy_loss_forward(
     self,
     log_probs: torch.Tensor,
@@ -169,35 +281,40 @@ def policy_loss_forward(
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
 ) -> torch.Tensor:
-    """``PolicyLoss.forward``: the PPO clipped surrogate (with dual clip) and its metrics.
+    """``PolicyLoss.forward``: the PPO or GSPO clipped surrogate (with dual clip), the vLLM IS
+    correction, and its metrics.
 
     Args:
-        log_probs: ``(B, T)`` current log-probs (receive the gradient).
-        old_log_probs, advantages, action_mask: ``(B, T)``.
-        rollout_log_probs: vLLM log-probs, read by the IS correction only.
+        log_probs: ``(B, T)`` (or ``(T,)``) current log-probs (receive the gradient).
+        old_log_probs, advantages, action_mask: same shape.
+        rollout_log_probs: same shape, the sampler's (vLLM) log-probs, read when
+            ``is_correction_level`` is not "off".
         dp_size, batch_num_tokens, global_batch_size: OpenRLHF's global loss normalisation.
 
     Returns:
-        ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: 0-d fp32 tensors, the last two
-        None (they come from the IS correction, which falls back).
+        ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``: 0-d fp32 tensors; the last two
+        only from the IS correction of "ppo" (else None, as in OpenRLHF).
 
-    ``fastppo.ppo_policy_loss(clip_low=clip_eps_low, clip_high=clip_eps_high, dual_clip)`` with
-    agg "token-mean"/"token-sum" (``token_level_loss``) or "seq-mean-token-mean"; clip_ratio and
-    ppo_kl are its clipfrac and approx_kl. Falls back to OpenRLHF for ``policy_loss_type`` "gspo",
-    ``is_correction_level`` other than "off", no ``action_mask``, inputs that are not fp32 or not
-    one shape (1-D or 2-D), old_log_probs/advantages that require grad, a clip that is not > 0
-    or a dual clip that is not > 1.
+    ``fastppo.ppo_policy_loss(clip_low=clip_eps_low, clip_high=clip_eps_high, dual_clip)`` with agg
+    "token-mean"/"token-sum" (``token_level_loss``) or "seq-mean-token-mean"; clip_ratio and ppo_kl
+    are its clipfrac and approx_kl (NaN on an empty mask, as OpenRLHF's 0/0).
+
+    - "gspo": ``ratio_level="sequence"``, against rollout_log_probs when the IS correction is on
+      (OpenRLHF's GSPO then only swaps the ratio's base; ppo_kl stays against old_log_probs).
+    - IS correction of "ppo", token level, ratio gate, band within [1e-8, 1e8]:
+      ``RolloutCorrection(level="token", mode="truncate" (clip) or "mask")``; vllm_kl and
+      is_filter_ratio are its rollout_kl and is_filtered.
+    - every other IS gate (seq level, binary_kl, tv, a band beyond those bounds): OpenRLHF's
+      coefficient from a few elementwise ops here, passed as ``weights``.
+
+    Falls back to OpenRLHF for GSPO where a row's mean log-ratio exceeds 10 (the op caps it there)
+    or, when log_probs needs a gradient, the advantage is not one value over each row's tokens
+    (OpenRLHF spreads the row's mean derivative over its tokens; the op is GSPO-token) — deciding
+    that costs one host sync per GSPO call; and for no ``action_mask``, inputs that are not fp32
+    or not one shape (1-D or 2-D), old/rollout log-probs or advantages that require grad, the IS
+    correction without rollout_log_probs, a clip that is not > 0, a dual clip that is not > 1.
     """
-    dual_clip = self.dual_clip
-    supported = (
-        self.policy_loss_type == "ppo"
-        and self.is_correction_level == "off"
-        and _token_losses_supported(action_mask, log_probs, old_log_probs, advantages)
-        and self.clip_eps_low > 0
-        and self.clip_eps_high > 0
-        and (dual_clip is None or dual_clip > 1.0)
-    )
-    if not supported:
+    if not _policy_supported(self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs):
         return _original(_LOSS, "PolicyLoss.forward")(
             self,
             log_probs,
@@ -209,18 +326,26 @@ def policy_loss_forward(
             batch_num_tokens,
             global_batch_size,
         )
+    correcting = self.is_correction_level != "off"
+    options = dict(clip_low=self.clip_eps_low, clip_high=self.clip_eps_high, dual_clip=self.dual_clip)
+    ratio_base, vllm_kl, is_filter_ratio = old_log_probs, None, None
+    if self.policy_loss_type == "gspo":
+        options["ratio_level"] = "sequence"
+        ratio_base = rollout_log_probs if correcting else old_log_probs
+    elif correcting:
+        correction = _rollout_correction(self)
+        if correction is not None:
+            options.update(rollout_logp=rollout_log_probs, rollout_correction=correction)
+        else:
+            options["weights"], is_filter_ratio = _is_weights(
+                self, old_log_probs, rollout_log_probs, action_mask
+            )
+            vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, action_mask)
     stats = {}
 
     def agg_loss(agg: str) -> torch.Tensor:
         loss, stats_of_agg = fastppo.ppo_policy_loss(
-            log_probs,
-            old_log_probs,
-            advantages,
-            action_mask,
-            clip_low=self.clip_eps_low,
-            clip_high=self.clip_eps_high,
-            dual_clip=dual_clip,
-            agg=agg,
+            log_probs, ratio_base, advantages, action_mask, agg=agg, **options
         )
         stats.update(stats_of_agg)
         return loss
@@ -229,7 +354,13 @@ def policy_loss_forward(
         self.token_level_loss, agg_loss, action_mask, dp_size, batch_num_tokens, global_batch_size
     )
     empty = nan_if_zero(action_mask.sum())  # OpenRLHF's metrics are 0/0 on an empty mask
-    return loss, stats["clipfrac"] * empty, stats["approx_kl"] * empty, None, None
+    if "rollout_kl" in stats:
+        vllm_kl, is_filter_ratio = stats["rollout_kl"] * empty, stats["is_filtered"] * empty
+    if ratio_base is old_log_probs:
+        ppo_kl = stats["approx_kl"] * empty
+    else:  # the op's approx_kl is against the ratio's base, the sampler here
+        ppo_kl = _masked_mean(old_log_probs - log_probs.detach(), action_mask)
+    return loss, stats["clipfrac"] * empty, ppo_kl, vllm_kl, is_filter_ratio
 
 
 def value_loss_forward(

@@ -12,6 +12,9 @@ compute_rloo_outcome_advantage      ``group_advantages(method="rloo")``
 kl_penalty                          ``kl_penalty`` (k3 clamped to 10, as verl does)
 agg_loss                            ``reference.agg_loss`` (PyTorch) + verl's global-batch scaling
 compute_policy_loss_vanilla         ``ppo_policy_loss`` (dual clip = ``clip_ratio_c``)
+compute_policy_loss_gspo            ``ppo_policy_loss(ratio_level="sequence")``
+compute_policy_loss_cispo           ``ppo_policy_loss(loss="cispo")``
+compute_policy_loss_sapo            ``ppo_policy_loss(loss="sapo")``
 compute_value_loss                  ``value_loss``
 logprobs_from_logits                ``token_logprobs``
 entropy_from_logits(_with_chunking) ``token_logprobs(return_entropy=True)``
@@ -20,15 +23,21 @@ linear_cross_entropy                ``linear_logprobs(return_entropy=True)`` (ve
                                     split across a process group; else verl's own)
 ==================================  =====================================================
 
+The policy losses live in ``fastppo.integrations.verl_policy_losses`` (its docstring lists the
+ones left to verl: geo_mean, clip_cov, kl_cov, gpg, dro, dppo_tv, dppo_kl).
+
 ``patch()`` swaps them into verl: the functions in their modules and in every loaded verl module
-that imported them, the ``"vanilla"`` policy loss and the ``"gae"``/``"grpo"``/``"rloo"``
-advantage estimators in verl's registries, and it calls ``register()``, which adds the policy loss
-as ``"fastppo_vanilla"`` (select it with ``actor.policy_loss.loss_mode=fastppo_vanilla``).
-``unpatch()`` restores all of it exactly. Importing this module does not import verl.
+that imported them, the ``"vanilla"``/``"gspo"``/``"cispo"``/``"sapo"`` policy losses and the
+``"gae"``/``"grpo"``/``"rloo"`` advantage estimators in verl's registries (each only while it
+still holds verl's own function), and it calls ``register()``, which adds the policy losses as
+``"fastppo_vanilla"``, ``"fastppo_gspo"``, ``"fastppo_cispo"``, ``"fastppo_sapo"`` (select one
+with ``actor.policy_loss.loss_mode=fastppo_gspo``). ``unpatch()`` restores all of it exactly.
+Importing this module does not import verl.
 
 An aggregation over an entirely empty mask is NaN, as verl's 0/0 is (fastppo's own ops give 0).
 The one deliberate difference: ``actor/ppo_kl`` is the mean of the unclamped
-``old_log_prob − log_prob`` (verl clamps it to ±20 first, which only matters beyond 20).
+``old_log_prob − log_prob`` (verl's vanilla, cispo and sapo clamp it to ±20 first, which only
+matters beyond 20).
 """
 
 import importlib
@@ -39,77 +48,31 @@ import torch
 import fastppo
 from fastppo import reference
 from fastppo.integrations._patching import Patcher
-from fastppo.integrations._peer_numerics import nan_if_zero
+from fastppo.integrations.verl_policy_losses import (  # noqa: F401  (verl's policy losses live there)
+    _CORE,
+    POLICY_LOSSES,
+    _agg_dtype,
+    _float_dtype,
+    _global_agg,
+    compute_policy_loss_cispo,
+    compute_policy_loss_gspo,
+    compute_policy_loss_sapo,
+    compute_policy_loss_vanilla,
+)
 
-_CORE = "verl.trainer.ppo.core_algos"
 _TORCH_FUNCTIONAL = "verl.utils.torch_functional"
 _LINEAR_CE = "verl.utils.kernel.linear_cross_entropy"
 REGISTERED_NAME = "fastppo_vanilla"
+#: The names ``register()`` adds to verl's policy-loss registry → the functions' names.
+REGISTERED_NAMES = {"fastppo_" + key: name for key, name in POLICY_LOSSES.items()}
 
 # verl's KL estimator names → fastppo's ("full", on whole-vocabulary log-probs, verl does not implement).
 _KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 _K3_CLAMP = 10.0  # verl bounds low_var_kl / k3 to [-10, 10]
-_AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-    "seq-mean-token-mean",
-)
-
-
-def _float_dtype(*tensors) -> torch.dtype:
-    """The dtype verl's arithmetic on ``tensors`` ends in (type promotion over the float ones)."""
-    dtype = None
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    return dtype or torch.get_default_dtype()
 
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation
-
-
-def _rows(loss_mask: torch.Tensor) -> torch.Tensor:
-    """How many rows hold at least one token (0-d)."""
-    return (torch.atleast_2d(loss_mask).sum(-1) > 0).sum()
-
-
-def _global_agg(
-    loss_agg_mode, loss_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
-):
-    """Split verl's aggregation into fastppo's local one and a factor: verl's loss = fastppo's · factor.
-
-    verl divides by global counts (``batch_num_tokens`` tokens, ``global_batch_size`` sequences)
-    and multiplies by ``dp_size`` so that data-parallel gradient averaging yields the global mean.
-    Returns ``(agg, factor)``; the factor is a number or a 0-d tensor.
-    """
-    if loss_agg_mode == "token-mean":
-        if batch_num_tokens is None:
-            if dp_size > 1:
-                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
-            return "token-mean", dp_size * nan_if_zero(loss_mask.sum())
-        return "token-sum", dp_size / batch_num_tokens
-    if loss_agg_mode == "token-sum":
-        return "token-sum", dp_size
-    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        norm = 1
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            norm = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
-        if global_batch_size is None:
-            if dp_size > 1:
-                raise ValueError("global_batch_size is required when dp_size > 1")
-            return "seq-mean-token-sum", dp_size / norm * nan_if_zero(_rows(loss_mask))
-        return "token-sum", dp_size / global_batch_size / norm  # Σ over non-empty rows = Σ over all
-    if loss_agg_mode == "seq-mean-token-mean":
-        if global_batch_size is None:
-            if dp_size > 1:
-                raise ValueError("global_batch_size is required when dp_size > 1")
-            return "seq-mean-token-mean", dp_size * nan_if_zero(_rows(loss_mask))
-        # fastppo's mean over the R non-empty rows, times R: the sum of the row means.
-        return "seq-mean-token-mean", _rows(loss_mask) * dp_size / global_batch_size
-    raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}; expected one of {_AGG_MODES}")
 
 
 def agg_loss(
@@ -135,12 +98,13 @@ def agg_loss(
         loss_mask: ``(B, T)`` bool/int/float mask (or weights).
 
     Returns:
-        0-d tensor in ``loss_mat``'s dtype (promoted with a float mask).
+        0-d tensor in verl's dtype: ``loss_mat``'s, promoted with a float mask, and at least fp32 in
+        the seq modes (verl's row mask is fp32).
     """
     agg, factor = _global_agg(
         loss_agg_mode, loss_mask, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    dtype = _float_dtype(loss_mat, loss_mask)
+    dtype = _agg_dtype(loss_agg_mode, loss_mask, loss_mat)
     if loss_mat.shape != loss_mask.shape:
         raise ValueError(
             f"loss_mask must have the shape of loss_mat {tuple(loss_mat.shape)}, got {tuple(loss_mask.shape)}"
@@ -188,99 +152,6 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> 
     return fastppo.kl_penalty(logprob, ref_logprob, estimator, clamp).to(dtype)
 
 
-def _vanilla_losses_torch(old_log_prob, log_prob, advantages, response_mask, weights, low, high, clip_c):
-    """Per-token dual-clip PPO loss and its statistics in plain PyTorch (the fallback for options
-    the fused kernel has no form for: IS weights that are not all > 0, clip ratios ≤ 0)."""
-    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-    surrogate = torch.maximum(unclipped, clipped)
-    floor = -advantages * clip_c
-    negative = advantages < 0
-    losses = torch.where(negative, torch.minimum(surrogate, floor), surrogate)
-    if weights is not None:
-        losses = losses * weights
-    # in verl's metric order: pg_clipfrac, ppo_kl, pg_clipfrac_lower
-    stats = [(clipped > unclipped).float(), -log_ratio.detach(), ((surrogate > floor) & negative).float()]
-    m = response_mask.float()
-    stats = [(torch.where(m != 0, s, 0.0) * m).sum() / (m.sum() + 1e-8) for s in stats]
-    return losses, stats
-
-
-def compute_policy_loss_vanilla(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: torch.Tensor | None = None,
-):
-    """verl's ``compute_policy_loss_vanilla``: dual-clip PPO loss by ``fastppo.ppo_policy_loss``.
-
-    Per token, r = exp(clamp(log_prob − old_log_prob, ±20)):
-    l = max(−A·r, −A·clip(r, 1 − clip_ratio_low, 1 + clip_ratio_high)), and for A < 0
-    l = min(l, −A·clip_ratio_c); times ``rollout_is_weights`` when given; aggregated by
-    ``agg_loss(..., **config.global_batch_info)``. Positive IS weights are folded into the
-    advantages (exact for w > 0); weights with zeros (e.g. IcePop) or clip ratios ≤ 0 run a PyTorch
-    fallback of the same formula, so the clip statistics stay verl's.
-
-    Args:
-        old_log_prob, log_prob, advantages, response_mask: ``(B, T)``; only ``log_prob`` gets a gradient.
-        loss_agg_mode: as in ``agg_loss``.
-        config: verl's ActorConfig (``clip_ratio``, ``clip_ratio_low``/``high``, ``clip_ratio_c``,
-            ``global_batch_info``).
-        rollout_is_weights: ``(B, T)`` (or broadcastable) importance weights, or None.
-
-    Returns:
-        ``(pg_loss, metrics)``: a 0-d tensor and ``{"actor/pg_clipfrac", "actor/ppo_kl",
-        "actor/pg_clipfrac_lower"}`` as Python floats.
-    """
-    if config is None:
-        raise ValueError("config must be verl's ActorConfig (clip ratios, global_batch_info), got None")
-    if type(config).__name__ == "AlgoConfig":
-        raise ValueError("config must be verl's ActorConfig, got an AlgoConfig")
-    clip_ratio = config.clip_ratio
-    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
-    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
-    clip_c = config.get("clip_ratio_c", 3.0)
-    if not clip_c > 1.0:
-        raise ValueError(f"config.clip_ratio_c (the dual-clip bound) must be > 1.0, got {clip_c}")
-    batch_info = dict(config.global_batch_info)
-    agg, factor = _global_agg(loss_agg_mode, response_mask, **batch_info)
-    dtype = _float_dtype(old_log_prob, log_prob, advantages, rollout_is_weights)
-    weights_fold = rollout_is_weights is None or bool((rollout_is_weights > 0).all())
-    if weights_fold and low > 0 and high > 0:
-        if rollout_is_weights is not None:
-            advantages = (advantages * rollout_is_weights).expand_as(advantages)
-        pg_loss, stats = fastppo.ppo_policy_loss(
-            log_prob,
-            old_log_prob,
-            advantages,
-            response_mask,
-            clip_low=low,
-            clip_high=high,
-            dual_clip=clip_c,
-            agg=agg,
-        )
-        pg_loss = pg_loss * factor
-        stats = [stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"]]
-    else:
-        losses, (clipfrac, ppo_kl, clipfrac_lower) = _vanilla_losses_torch(
-            old_log_prob, log_prob, advantages, response_mask, rollout_is_weights, low, high, clip_c
-        )
-        pg_loss = agg_loss(losses, response_mask, loss_agg_mode, **batch_info)
-        stats = [clipfrac, ppo_kl, clipfrac_lower]
-    clipfrac, ppo_kl, clipfrac_lower = torch.stack([s.detach().float() for s in stats]).tolist()  # one sync
-    metrics = {
-        "actor/pg_clipfrac": clipfrac,
-        "actor/ppo_kl": ppo_kl,
-        "actor/pg_clipfrac_lower": clipfrac_lower,
-    }
-    return pg_loss.to(dtype), metrics
-
-
 def compute_value_loss(
     vpreds: torch.Tensor,
     returns: torch.Tensor,
@@ -312,7 +183,7 @@ def compute_value_loss(
     agg, factor = _global_agg(
         loss_agg_mode, response_mask, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    dtype = _float_dtype(vpreds, returns, values)
+    dtype = _agg_dtype(loss_agg_mode, response_mask, vpreds, returns, values)
     if cliprange_value > 0:
         loss, clipfrac = fastppo.value_loss(
             vpreds, values, returns, response_mask, clip=cliprange_value, agg=agg
@@ -514,7 +385,7 @@ _FUNCTIONS = {
         "compute_rloo_outcome_advantage",
         "kl_penalty",
         "agg_loss",
-        "compute_policy_loss_vanilla",
+        *POLICY_LOSSES.values(),
         "compute_value_loss",
     ),
     _TORCH_FUNCTIONAL: ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"),
@@ -532,13 +403,15 @@ def _targets() -> list[tuple[str, str, object]]:
 
 
 def register() -> None:
-    """Register ``compute_policy_loss_vanilla`` with verl as ``"fastppo_vanilla"`` (imports verl).
+    """Register fastppo's policy losses with verl as ``"fastppo_vanilla"``, ``"fastppo_gspo"``,
+    ``"fastppo_cispo"`` and ``"fastppo_sapo"`` (imports verl).
 
     A side effect on verl's policy-loss registry, so it happens here, never at import; ``patch()``
-    calls it too (and ``unpatch()`` removes the name again if ``patch()`` added it).
+    calls it too (and ``unpatch()`` removes the names again if ``patch()`` added them).
     """
     core = importlib.import_module(_CORE)
-    core.register_policy_loss(REGISTERED_NAME)(compute_policy_loss_vanilla)
+    for registered, name in REGISTERED_NAMES.items():
+        core.register_policy_loss(registered)(globals()[name])
 
 
 class _VerlPatcher(Patcher):
@@ -561,26 +434,24 @@ class _VerlPatcher(Patcher):
             return
         core = importlib.import_module(_CORE)
         verl_functions = {
-            name: getattr(core, name) for name in ("compute_policy_loss_vanilla", *_ADV_ESTIMATORS.values())
+            name: getattr(core, name) for name in (*POLICY_LOSSES.values(), *_ADV_ESTIMATORS.values())
         }
         super().patch()
         try:
             policy_losses = core.POLICY_LOSS_REGISTRY
-            self._entries.append(
-                (
-                    policy_losses,
-                    REGISTERED_NAME,
-                    REGISTERED_NAME in policy_losses,
-                    policy_losses.get(REGISTERED_NAME),
+            for registered in REGISTERED_NAMES:  # remembered first, so that unpatch() takes them out again
+                self._entries.append(
+                    (policy_losses, registered, registered in policy_losses, policy_losses.get(registered))
                 )
-            )
             register()
             # Only entries that still hold verl's own function: a user's override stays theirs.
-            if policy_losses.get("vanilla") is verl_functions["compute_policy_loss_vanilla"]:
-                self._set(policy_losses, "vanilla", compute_policy_loss_vanilla)
-            for key, name in _ADV_ESTIMATORS.items():
-                if core.ADV_ESTIMATOR_REGISTRY.get(key) is verl_functions[name]:
-                    self._set(core.ADV_ESTIMATOR_REGISTRY, key, globals()[name])
+            for registry, names in (
+                (policy_losses, POLICY_LOSSES),
+                (core.ADV_ESTIMATOR_REGISTRY, _ADV_ESTIMATORS),
+            ):
+                for key, name in names.items():
+                    if registry.get(key) is verl_functions[name]:
+                        self._set(registry, key, globals()[name])
         except BaseException:
             self.unpatch()
             raise

@@ -238,41 +238,169 @@ def _nan_gradients_alike(got, want):
     assert (want[~torch.isnan(want)] == 0).all()
 
 
+# GSPO and the vLLM IS correction. Rows: 0 and 5–7 plain with holes (mean log-ratios 0.6, −0.5, −0.5,
+# 0.4; with the row advantages: dual-clipped at 1.5, unclipped, clipped, clipped), 1 all-zero, 2 one
+# token, 3 logp − old alternating ±30 (row mean 0), 4 old − rollout = −30 (an IS ratio of 1e-13).
+_ROW_SHIFT = (0.6, 0.0, 0.2, 0.0, 0.0, -0.5, -0.5, 0.4)
+_ROW_ADVANTAGE = (-1.3, 0.7, -0.4, 1.1, -0.9, 0.8, -1.0, 0.5)
+
+
+def _is_batch(device, row_advantage: bool, T=10, seed=11):
+    """(log_probs (grad), old, advantages, mask, rollout), ``(8, T)`` fp32; GRPO-like advantages
+    (one per row) with ``row_advantage``, else one per token."""
+    B = len(_ROW_SHIFT)
+    gen = torch.Generator().manual_seed(seed)
+    log_probs = -torch.rand(B, T, generator=gen) * 3
+    log_ratio = 0.3 * torch.randn(B, T, generator=gen) + torch.tensor(_ROW_SHIFT)[:, None]
+    log_ratio[3] = 30.0 * (1 - 2 * (torch.arange(T) % 2))
+    old = log_probs - log_ratio
+    rollout = old - 0.5 * torch.randn(B, T, generator=gen)
+    rollout[4] = old[4] + 30.0
+    mask = (torch.rand(B, T, generator=gen) > 0.25).float()
+    mask[1] = 0
+    mask[2] = 0
+    mask[2, 3] = 1
+    mask[3] = 1
+    if row_advantage:
+        adv = torch.tensor(_ROW_ADVANTAGE)[:, None].expand(B, T).contiguous()
+    else:
+        adv = torch.randn(B, T, generator=gen)
+    to = lambda x: x.to(device)  # noqa: E731
+    return to(log_probs).requires_grad_(True), to(old), to(adv), to(mask), to(rollout)
+
+
+GLOBAL_COUNTS = {
+    "local": {},
+    "global": dict(dp_size=2, batch_num_tokens=torch.tensor(61.0), global_batch_size=torch.tensor(7.0)),
+}
+
+
+def _policy_parity(device, module, batch, call):
+    """The adapter's 5-tuple and gradient against OpenRLHF's own, at fp32 tolerance."""
+    call = {k: v.to(device) if torch.is_tensor(v) else v for k, v in call.items()}
+    log_probs, old, adv, mask, rollout = batch
+    args = (module, log_probs, old, adv, mask, rollout)
+    want, (want_grad,) = _run(ORIGINAL["policy_forward"], *args, grad_of=(log_probs,), **call)
+    got, (got_grad,) = _run(adapter.policy_loss_forward, *args, grad_of=(log_probs,), **call)
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+    _close(got_grad, want_grad)
+    return want
+
+
+@pytest.fixture
+def op_options(monkeypatch):
+    """The keyword arguments of every ``fastppo.ppo_policy_loss`` call the adapter makes."""
+    calls = []
+    real = adapter.fastppo.ppo_policy_loss
+    monkeypatch.setattr(adapter.fastppo, "ppo_policy_loss", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("counts", GLOBAL_COUNTS)
+@pytest.mark.parametrize("level", ["off", "token", "seq"])
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_gspo_matches(device, fast_path, op_options, dual_clip, level, counts):
+    # token_level_loss=True is ignored: OpenRLHF forces the per-sequence mean for GSPO.
+    module = peer_loss.PolicyLoss(
+        policy_loss_type="gspo", dual_clip=dual_clip, token_level_loss=True, is_correction_level=level
+    )
+    want = _policy_parity(device, module, _is_batch(device, row_advantage=True), GLOBAL_COUNTS[counts])
+    assert 0 < want[1] < 1 and want[3] is None and want[4] is None
+    assert all(k["ratio_level"] == "sequence" for k in op_options)
+
+
+# (level, mode, gating, threshold, how the adapter passes it); OpenRLHF allows clip only at token
+# level with the ratio gate, and a divergence gate takes an upper bound only.
+IS_CASES = {
+    "token-clip-ratio": ("token", "clip", "ratio", (0.5, 2.0), "rollout_correction"),
+    "token-mask-ratio": ("token", "mask", "ratio", (0.5, 2.0), "rollout_correction"),
+    "token-mask-binary_kl": ("token", "mask", "binary_kl", (0.0, 0.05), "weights"),
+    "token-mask-tv": ("token", "mask", "tv", (0.0, 0.1), "weights"),
+    "seq-mask-ratio": ("seq", "mask", "ratio", (0.5, 2.0), "weights"),
+    "seq-mask-binary_kl": ("seq", "mask", "binary_kl", (0.0, 0.05), "weights"),
+    "seq-mask-tv": ("seq", "mask", "tv", (0.0, 0.1), "weights"),
+    # A lower bound of 0 keeps IS ratios below exp(−20), which fastppo's rollout weight would bound.
+    "token-clip-ratio-from-0": ("token", "clip", "ratio", (0.0, 2.0), "weights"),
+    "token-mask-ratio-from-0": ("token", "mask", "ratio", (0.0, 3.0), "weights"),
+}
+
+
+@pytest.mark.parametrize("counts", GLOBAL_COUNTS)
 @pytest.mark.parametrize("token_level_loss", [True, False])
-def test_policy_loss_all_zero_mask_gives_the_peer_nan(device, fast_path, token_level_loss):
-    module = peer_loss.PolicyLoss(token_level_loss=token_level_loss, dual_clip=3.0)
-    log_probs, old, adv, mask = _masked_batch(device)
-    mask = torch.zeros_like(mask)
-    want, (want_grad,) = _run(
-        ORIGINAL["policy_forward"], module, log_probs, old, adv, mask, grad_of=(log_probs,)
+@pytest.mark.parametrize("case", IS_CASES)
+def test_ppo_is_correction_matches(device, fast_path, op_options, case, token_level_loss, counts):
+    level, mode, gating, threshold, passed_as = IS_CASES[case]
+    module = peer_loss.PolicyLoss(
+        token_level_loss=token_level_loss,
+        dual_clip=2.0 if token_level_loss else None,
+        is_correction_level=level,
+        is_correction_mode=mode,
+        is_correction_gating=gating,
+        is_correction_threshold=threshold,
     )
-    got, (got_grad,) = _run(
-        adapter.policy_loss_forward, module, log_probs, old, adv, mask, grad_of=(log_probs,)
-    )
+    want = _policy_parity(device, module, _is_batch(device, row_advantage=False), GLOBAL_COUNTS[counts])
+    assert 0 < want[1] < 1 and 0 < want[4] < 1  # some tokens clipped, some units filtered
+    assert op_options and all(passed_as in k for k in op_options)
+
+
+def test_gspo_with_per_token_advantages_runs_fastppo_without_a_gradient(device, fast_path):
+    # Only the gradient of OpenRLHF's GSPO differs from GSPO-token when advantages vary in a row.
+    module = peer_loss.PolicyLoss(policy_loss_type="gspo", dual_clip=1.5)
+    *batch, _ = _is_batch(device, row_advantage=False)
+    with torch.no_grad():
+        want = ORIGINAL["policy_forward"](module, *batch)
+        got = adapter.policy_loss_forward(module, *batch)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+
+
+POLICY_NAN_CASES = {
+    "ppo": dict(dual_clip=3.0),
+    "is-token": dict(is_correction_level="token", is_correction_mode="clip"),
+    "is-seq": dict(is_correction_level="seq"),
+    "gspo": dict(policy_loss_type="gspo", is_correction_level="token"),
+}
+
+
+@pytest.mark.parametrize("case", POLICY_NAN_CASES)
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_policy_loss_all_zero_mask_gives_the_peer_nan(device, fast_path, token_level_loss, case):
+    module = peer_loss.PolicyLoss(token_level_loss=token_level_loss, **POLICY_NAN_CASES[case])
+    log_probs, old, adv, mask, rollout = _is_batch(device, row_advantage=True)
+    args = (module, log_probs, old, adv, torch.zeros_like(mask), rollout)
+    want, (want_grad,) = _run(ORIGINAL["policy_forward"], *args, grad_of=(log_probs,))
+    got, (got_grad,) = _run(adapter.policy_loss_forward, *args, grad_of=(log_probs,))
     assert torch.isnan(want[0]) and torch.isnan(want[1]) and torch.isnan(want[2])
     for g, w in zip(got, want, strict=True):
         _close(g, w)
     _nan_gradients_alike(got_grad, want_grad)
 
 
+def _gspo_far_row(batch):
+    log_probs, old, adv, mask, rollout = batch
+    old = old.clone()
+    old[6] -= 12.0  # row 6 (advantage −1): mean log-ratio 11.5, which fastppo would cap at 10
+    return log_probs, old, adv, mask, rollout
+
+
 @pytest.mark.parametrize(
-    "init, use_rollout, no_mask",
+    "init, row_advantage, edit",
     [
-        (dict(policy_loss_type="gspo"), False, False),
-        (dict(is_correction_level="token", is_correction_mode="clip"), True, False),
-        (dict(is_correction_level="seq"), True, False),
-        (dict(), False, True),
+        (dict(policy_loss_type="gspo"), False, None),
+        (dict(policy_loss_type="gspo", dual_clip=2.0), True, _gspo_far_row),
+        (dict(is_correction_level="seq"), False, lambda b: (*b[:4], b[4].bfloat16())),
+        (dict(), False, lambda b: (*b[:3], None, b[4])),
     ],
-    ids=["gspo", "is-token-clip", "is-seq-mask", "no-mask"],
+    ids=["gspo-advantage-varies-in-a-row", "gspo-row-log-ratio-above-10", "is-bf16-rollout", "no-mask"],
 )
-def test_policy_loss_falls_back_where_fastppo_has_no_equivalent(device, fallback, init, use_rollout, no_mask):
+def test_policy_loss_falls_back_where_fastppo_has_no_equivalent(device, fallback, init, row_advantage, edit):
     module = peer_loss.PolicyLoss(**init)
-    log_probs, old, adv, mask = _masked_batch(device)
-    mask = None if no_mask else mask
-    rollout = (old - 0.2 * torch.rand_like(old)) if use_rollout else None
-    args = (log_probs, old, adv, mask, rollout)
-    want, (want_grad,) = _run(ORIGINAL["policy_forward"], module, *args, grad_of=(log_probs,))
-    got, (got_grad,) = _run(adapter.policy_loss_forward, module, *args, grad_of=(log_probs,))
+    batch = _is_batch(device, row_advantage=row_advantage)
+    args = (module, *(edit(batch) if edit else batch))
+    want, (want_grad,) = _run(ORIGINAL["policy_forward"], *args, grad_of=(batch[0],))
+    got, (got_grad,) = _run(adapter.policy_loss_forward, *args, grad_of=(batch[0],))
     for g, w in zip(got, want, strict=True):
         _close(g, w, atol=0, rtol=0)
     _close(got_grad, want_grad, atol=0, rtol=0)

@@ -441,7 +441,8 @@ def test_register_alone_and_survives_unpatch():
         # registered before patch(): unpatch() leaves the name as it found it
         assert core.POLICY_LOSS_REGISTRY["fastppo_vanilla"] is fastppo_verl.compute_policy_loss_vanilla
     finally:
-        core.POLICY_LOSS_REGISTRY.pop("fastppo_vanilla", None)
+        for name in fastppo_verl.REGISTERED_NAMES:
+            core.POLICY_LOSS_REGISTRY.pop(name, None)
     assert_restored(before)
 
 
