@@ -20,10 +20,12 @@ from fastppo.ops import (
     value_loss,
 )
 from fastppo.packing import extension_available
+from fastppo.reference import RolloutCorrection
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RolloutCorrection",
     "__version__",
     "active_backend",
     "discounted_returns",

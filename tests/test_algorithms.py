@@ -27,7 +27,8 @@ def batch(seed=0, B=6, R=5):
 
 def test_registries_cover_the_presets():
     assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++-baseline"}
-    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "rloo", "reinforce++", "dapo"}
+    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "rloo", "reinforce++", "dapo", "gspo", "cispo"}
+    assert set(POLICY_LOSSES) == {"ppo-clip", "gspo", "cispo", "sapo"}
     for preset in PRESETS.values():
         assert preset.defaults["advantage"] in ADVANTAGES
     assert [e.name for e in ADVANTAGES.values() if e.needs_critic] == ["gae"]
@@ -75,26 +76,42 @@ def test_whitening_statistics_come_from_kept_responses():
     assert (got[~x.mask] == 0).all()
 
 
-def test_ppo_clip_entry_is_the_op():
+@pytest.mark.parametrize(
+    "name, loss, ratio_level",
+    [("ppo-clip", "clip", "token"), ("gspo", "clip", "sequence"), ("cispo", "cispo", "token"),
+     ("sapo", "sapo", "token")],
+)  # fmt: skip
+@pytest.mark.parametrize("corrected", [False, True])
+def test_policy_loss_entries_are_the_op(name, loss, ratio_level, corrected):
+    """Each entry is the op over the packed response tokens (a row per response, by cu_seqlens)."""
     g = torch.Generator().manual_seed(1)
-    n = 20
+    lengths = torch.tensor([5, 0, 3, 1, 7, 4])
+    n = int(lengths.sum())
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     logp = (-torch.rand(n, generator=g) * 3).requires_grad_()
-    old, adv, ref = (
+    old, adv, ref, roll = (
         logp.detach() + torch.randn(n, generator=g) * 0.2,
         torch.randn(n, generator=g),
         logp.detach() - 0.1,
+        logp.detach() + torch.randn(n, generator=g) * 0.1,
     )
     weights, entropy = torch.rand(n, generator=g), torch.rand(n, generator=g) * 2
-    x = PolicyLossInputs(logp=logp, old_logp=old, advantages=adv, weights=weights, ref_logp=ref, kl_coef=0.1,
-                         kl_estimator="k2", entropy=entropy, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
-                         dual_clip=3.0)  # fmt: skip
-    loss, stats = POLICY_LOSSES["ppo-clip"].compute(x)
+    rc = fastppo.RolloutCorrection("sequence", "mask", 1.5, 0.5) if corrected else None
+    roll = roll if corrected else None
+    x = PolicyLossInputs(logp=logp, old_logp=old, advantages=adv, weights=weights, cu_seqlens=cu,
+                         ref_logp=ref, kl_coef=0.1, kl_estimator="k2", entropy=entropy, entropy_coef=0.01,
+                         clip_low=0.2, clip_high=0.28, dual_clip=3.0, sapo_tau=(1.0, 2.0), rollout_logp=roll,
+                         rollout_correction=rc)  # fmt: skip
+    loss_value, stats = POLICY_LOSSES[name].compute(x)
     want, want_stats = fastppo.ppo_policy_loss(
-        logp, old, adv, weights, agg="token-sum", clip_low=0.2, clip_high=0.28, dual_clip=3.0, ref_logp=ref,
-        kl_coef=0.1, kl_estimator="k2", entropy=entropy, entropy_coef=0.01,
+        logp, old, adv, weights, agg="token-sum", clip_low=0.2, clip_high=0.28,
+        dual_clip=3.0 if loss == "clip" else None, ref_logp=ref, kl_coef=0.1, kl_estimator="k2",
+        entropy=entropy, entropy_coef=0.01, loss=loss, ratio_level=ratio_level, sapo_tau=(1.0, 2.0),
+        cu_seqlens=cu, rollout_logp=roll, rollout_correction=rc,
     )  # fmt: skip
-    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss_value, want)
     assert stats.keys() == want_stats.keys()
+    assert ("is_weight_mean" in stats) == corrected
 
 
 def test_loss_aggregations():
@@ -141,20 +158,47 @@ def test_presets_fill_what_is_unset():
         PPOConfig(advantage="a2c")
     with pytest.raises(ValueError, match="loss_agg must be one of"):
         PPOConfig(loss_agg="mean")
+    gspo = PPOConfig(algo="gspo")
+    assert (gspo.policy_loss, gspo.clip_low, gspo.clip_high, gspo.loss_agg) == (
+        "gspo",
+        3e-4,
+        4e-4,
+        "seq-mean-token-mean",
+    )
+    cispo = PPOConfig(algo="cispo")
+    assert (cispo.policy_loss, cispo.clip_low, cispo.clip_high, cispo.advantage) == (
+        "cispo",
+        1.0,
+        4.0,
+        "grpo",
+    )
+    assert PPOConfig(algo="grpo", policy_loss="sapo").policy_loss == "sapo"
+    assert PPOConfig().rollout_correction() is None
+    rc = PPOConfig(rollout_is="sequence", rollout_is_mode="mask", rollout_is_low=0.5).rollout_correction()
+    assert rc == fastppo.RolloutCorrection("sequence", "mask", 2.0, 0.5)
+    with pytest.raises(ValueError, match="rollout_is must be one of"):
+        PPOConfig(rollout_is="seq")
+    with pytest.raises(ValueError, match="rollout_correction.low"):
+        PPOConfig(rollout_is="token", rollout_is_low=3.0)
+    with pytest.raises(ValueError, match="policy_loss must be one of"):
+        PPOConfig(policy_loss="vanilla")
 
 
 @pytest.mark.parametrize("algo", list(PRESETS))
 def test_every_preset_trains_the_default(algo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the preset's own default folder, fastppo-runs/<algo>
     cfg = PPOConfig(
-        algo=algo, iterations=3, batch_size=32, minibatch_size=16, dynamic_sampling=algo == "dapo"
-    )
+        algo=algo, iterations=3, batch_size=32, minibatch_size=16, dynamic_sampling=algo == "dapo",
+        rollout_is="token" if algo == "cispo" else "off",  # rollout correction rides on any preset
+    )  # fmt: skip
     history = ppo.train(cfg, log=lambda *_: None)
     assert [h["iteration"] for h in history] == [1, 2, 3]
     expected = {"reward", "kl", "entropy", "policy_loss", "clipfrac", "clipfrac_lower", "approx_kl",
                 "approx_kl_k3", "response_length", "updated_fraction"}  # fmt: skip
     if algo == "ppo":
         expected.add("explained_variance")
+    if algo == "cispo":
+        expected |= {"is_weight_mean", "is_filtered", "rollout_kl", "rollout_kl_k3"}
     for row in history:
         assert expected <= row.keys()
         assert all(row[k] == row[k] for k in expected)  # no NaN

@@ -154,3 +154,31 @@ def test_sequence_logprobs_padding_free_equals_padded():
     assert (sums[0] < 0).all() and sums[0].shape == (3,)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_sampler_logprobs_are_what_generation_drew_with():
+    """generate(sampler_logprobs=True) records, per sampled token, the log-prob under the distribution
+    it was drawn from: the trainer's log-prob at the same temperature (up to the KV cache's rounding)
+    with top_p 1, the nucleus-renormalised one (higher) with top_p < 1. Recording changes no sample."""
+    tokenizer = tiny.build_tokenizer()
+    model = tiny.build_policy(tokenizer, seed=0)
+    prompts = tiny.synthetic_prompts(10, seed=4)
+    for top_p in (1.0, 0.8):
+        torch.manual_seed(2)
+        samples = rollout.generate(model, tokenizer, prompts, CPU, max_new_tokens=7, temperature=0.7, top_p=top_p,
+                                   sampler_logprobs=True)  # fmt: skip
+        torch.manual_seed(2)
+        plain = rollout.generate(
+            model, tokenizer, prompts, CPU, max_new_tokens=7, temperature=0.7, top_p=top_p
+        )
+        assert torch.equal(samples.sequences, plain.sequences) and plain.sampler_logp is None
+        mask = samples.response_mask
+        assert samples.sampler_logp.shape == mask.shape and (samples.sampler_logp[~mask] == 0).all()
+        with torch.no_grad():
+            trainer, _ = rollout.token_logprobs_of(model, samples.tokens(False), temperature=0.7)
+        sampler = samples.sampler_logp[mask]
+        assert torch.isfinite(sampler).all() and (sampler <= 0).all()
+        if top_p == 1.0:
+            torch.testing.assert_close(sampler, trainer, atol=1e-5, rtol=1e-5)
+        else:
+            assert (sampler >= trainer - 1e-5).all() and (sampler > trainer + 1e-3).any()

@@ -126,10 +126,11 @@ def advantages(
 
 @dataclass
 class PolicyLossInputs:
-    logp: torch.Tensor  # (n,) the policy's log-probs of the response tokens, with grad
-    old_logp: torch.Tensor  # (n,) the sampling policy's
+    logp: torch.Tensor  # (n,) the policy's log-probs of the response tokens, row by row, with grad
+    old_logp: torch.Tensor  # (n,) the sampling policy's (as the trainer computes them)
     advantages: torch.Tensor  # (n,)
-    weights: torch.Tensor  # (n,) fp32 weight of each token in the sum
+    weights: torch.Tensor  # (n,) fp32 weight of each token in the sum (row sums: 1 or the row's tokens)
+    cu_seqlens: torch.Tensor  # (B + 1,) int32 bounds of each response's tokens in the (n,) tensors
     ref_logp: torch.Tensor | None  # (n,) the reference's, when the KL is a term of the loss
     kl_coef: float
     kl_estimator: str
@@ -138,6 +139,9 @@ class PolicyLossInputs:
     clip_low: float
     clip_high: float | None
     dual_clip: float | None
+    sapo_tau: tuple[float, float] = (1.0, 1.05)
+    rollout_logp: torch.Tensor | None = None  # (n,) the sampler's own log-probs, for rollout correction
+    rollout_correction: fastppo.RolloutCorrection | None = None
 
 
 @dataclass(frozen=True)
@@ -148,26 +152,35 @@ class PolicyLoss:
     compute: Callable[[PolicyLossInputs], tuple[torch.Tensor, dict]]
 
 
-def _ppo_clip(x: PolicyLossInputs):
-    return fastppo.ppo_policy_loss(
-        x.logp, x.old_logp, x.advantages, x.weights, agg="token-sum",
-        clip_low=x.clip_low, clip_high=x.clip_high, dual_clip=x.dual_clip,
-        ref_logp=x.ref_logp, kl_coef=x.kl_coef if x.ref_logp is not None else 0.0,
-        kl_estimator=x.kl_estimator,
-        entropy=x.entropy, entropy_coef=x.entropy_coef,
-    )  # fmt: skip
+def _family(loss: str, ratio_level: str) -> Callable[[PolicyLossInputs], tuple[torch.Tensor, dict]]:
+    """A member of ``fastppo.ppo_policy_loss``'s family over the packed response tokens."""
+
+    def compute(x: PolicyLossInputs):
+        return fastppo.ppo_policy_loss(
+            x.logp, x.old_logp, x.advantages, x.weights, agg="token-sum", cu_seqlens=x.cu_seqlens,
+            loss=loss, ratio_level=ratio_level, sapo_tau=x.sapo_tau,
+            clip_low=x.clip_low, clip_high=x.clip_high, dual_clip=x.dual_clip if loss == "clip" else None,
+            ref_logp=x.ref_logp, kl_coef=x.kl_coef if x.ref_logp is not None else 0.0,
+            kl_estimator=x.kl_estimator, entropy=x.entropy, entropy_coef=x.entropy_coef,
+            rollout_logp=x.rollout_logp, rollout_correction=x.rollout_correction,
+        )  # fmt: skip
+
+    return compute
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {
     loss.name: loss
     for loss in (
-        PolicyLoss(
-            "ppo-clip",
-            "clipped surrogate (clip_low, clip_high, dual_clip), optional KL and entropy terms",
-            _ppo_clip,
-        ),
-    )  # fmt: skip
-}
+        PolicyLoss("ppo-clip", "clipped surrogate of the token ratio (clip_low, clip_high, dual_clip)",
+                   _family("clip", "token")),
+        PolicyLoss("gspo", "GSPO: the clipped surrogate of each response's length-normalised ratio "
+                   "(token form of the gradient)", _family("clip", "sequence")),
+        PolicyLoss("cispo", "CISPO: REINFORCE weighted by the clipped token ratio, stop-gradient "
+                   "(clip_high bounds the weight at 1 + clip_high)", _family("cispo", "token")),
+        PolicyLoss("sapo", "SAPO: a sigmoid gate of the token ratio in place of the clip "
+                   "(sapo_tau_pos, sapo_tau_neg)", _family("sapo", "token")),
+    )
+}  # fmt: skip
 
 #: How per-token losses of a mini-batch are averaged: the weight of each token and what the
 #: weighted sum is divided by.
@@ -223,6 +236,12 @@ PRESETS: dict[str, Preset] = {
                dict(advantage="reinforce++", group_size=1, kl_in="reward", kl_estimator="k1")),
         Preset("dapo", "DAPO: GRPO with clip-higher (0.2/0.28), token-mean, no KL, truncated left out",
                dict(advantage="grpo", kl_coef=0.0, clip_high=0.28, drop_truncated=True, **_GROUPED)),
+        Preset("gspo", "GSPO: GRPO advantages, sequence-level ratio clipped to [1 - 3e-4, 1 + 4e-4], "
+               "per-response mean", dict(advantage="grpo", policy_loss="gspo", clip_low=3e-4, clip_high=4e-4,
+                                         loss_agg="seq-mean-token-mean", **_GROUPED)),
+        Preset("cispo", "CISPO: GRPO advantages, REINFORCE with the token ratio truncated at 5 "
+               "(stop-gradient), token-mean", dict(advantage="grpo", policy_loss="cispo", clip_low=1.0,
+                                                   clip_high=4.0, **_GROUPED)),
     )
 }  # fmt: skip
 

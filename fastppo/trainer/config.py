@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastppo.reference import RolloutCorrection
+
 #: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
 SECTIONS = {
     "model": "policy critic attention padding_free fused_lm_head".split(),
@@ -16,8 +18,9 @@ SECTIONS = {
     "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
                 "dynamic_sampling").split(),
     "algorithm": ("algo advantage policy_loss loss_agg kl_coef kl_estimator kl_in kl_target kl_horizon "
-                  "ppo_epochs clip_low clip_high dual_clip value_clip value_coef gamma lam entropy_coef "
-                  "whiten_advantages").split(),
+                  "ppo_epochs clip_low clip_high dual_clip sapo_tau_pos sapo_tau_neg value_clip value_coef "
+                  "gamma lam entropy_coef whiten_advantages").split(),
+    "rollout correction": "rollout_is rollout_is_mode rollout_is_high rollout_is_low".split(),
     "optimisation": ("iterations minibatch_size max_tokens_per_microbatch lr critic_lr lr_scheduler "
                      "warmup_steps max_grad_norm max_nonfinite_steps seed").split(),
     "logging": "output_dir resume overwrite save_every save_total_limit".split(),
@@ -93,12 +96,18 @@ class PPOConfig:
     )
 
     # Algorithm.
-    algo: str = _help("The preset: ppo, grpo, dr_grpo, rloo, reinforce++ or dapo.", default="ppo")
+    algo: str = _help(
+        "The preset: ppo, grpo, dr_grpo, rloo, reinforce++, dapo, gspo or cispo.", default="ppo"
+    )
     advantage: str | None = _help(
         "Advantage estimator: gae, grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (preset's).",
         default=None,
     )
-    policy_loss: str = _help("Policy loss (fastppo.trainer.algorithms.POLICY_LOSSES).", default="ppo-clip")
+    policy_loss: str | None = _help(
+        "Policy loss: ppo-clip, gspo, cispo or sapo (fastppo.trainer.algorithms.POLICY_LOSSES; "
+        "default ppo-clip, the gspo and cispo presets their own).",
+        default=None,
+    )
     loss_agg: str | None = _help(
         "How token losses of a mini-batch are averaged: token-mean, seq-mean-token-mean or "
         "seq-mean-token-sum-norm (default token-mean; dr_grpo's preset: seq-mean-token-sum-norm).",
@@ -116,14 +125,34 @@ class PPOConfig:
     kl_target: float | None = _help("Adaptive KL controller target (off when unset).", default=None)
     kl_horizon: int = _help("Adaptive KL controller horizon in sequences.", default=10000)
     ppo_epochs: int = _help("Passes over each rollout batch.", default=2)
-    clip_low: float = _help("PPO ratio clip below 1.", default=0.2)
-    clip_high: float | None = _help("PPO ratio clip above 1 (default: clip_low; dapo: 0.28).", default=None)
+    clip_low: float | None = _help(
+        "Ratio clip below 1 (default 0.2; gspo: 3e-4; cispo: 1, no lower bound).", default=None
+    )
+    clip_high: float | None = _help(
+        "Ratio clip above 1 (default: clip_low; dapo: 0.28; gspo: 4e-4; cispo: 4, weights up to 5).",
+        default=None,
+    )
     dual_clip: float | None = _help("Dual clip c > 1 for negative advantages (off by default).", default=None)
     value_clip: float = _help("Value loss clip around the old values.", default=0.2)
     value_coef: float = _help("Weight of the value loss (it trains the critic only).", default=0.5)
     gamma: float = _help("Discount.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
+    sapo_tau_pos: float = _help("SAPO gate temperature for positive advantages.", default=1.0)
+    sapo_tau_neg: float = _help("SAPO gate temperature for negative advantages.", default=1.05)
     entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    # Rollout correction.
+    rollout_is: str = _help(
+        "Correct for the sampler: importance weights π_trainer/π_sampler from the log-probs generation "
+        "sampled with, per 'token', per 'sequence' (product) or 'geometric' (mean); 'off'.",
+        default="off",
+    )
+    rollout_is_mode: str = _help(
+        "'truncate' (TIS: weights clamped to [rollout_is_low, rollout_is_high]) or 'mask' (MIS: weight 0 "
+        "outside).",
+        default="truncate",
+    )
+    rollout_is_high: float = _help("Upper bound of the rollout importance weights.", default=2.0)
+    rollout_is_low: float | None = _help("Lower bound (default none; mask mode: 0).", default=None)
     whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
 
     # Optimisation.
@@ -168,7 +197,10 @@ class PPOConfig:
         for name, value in PRESETS[self.algo].defaults.items():  # the preset fills what is unset
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name, value in dict(kl_coef=0.01, loss_agg="token-mean", drop_truncated=False).items():
+        general = dict(
+            kl_coef=0.01, loss_agg="token-mean", drop_truncated=False, policy_loss="ppo-clip", clip_low=0.2
+        )
+        for name, value in general.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.output_dir is None:
@@ -199,6 +231,12 @@ class PPOConfig:
             raise ValueError(f"clip_high must be > 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
+            raise ValueError(
+                f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}"
+            )
+        _one_of("rollout_is", self.rollout_is, ("off", "token", "sequence", "geometric"))
+        self.rollout_correction()  # its bounds are checked there
         if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.save_total_limit < 0:
             raise ValueError("kl_coef, warmup_steps, save_every and save_total_limit must be >= 0")
         if self.resume and self.overwrite:
@@ -213,6 +251,14 @@ class PPOConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{name}: no such file or folder: {path}")
+
+    def rollout_correction(self) -> RolloutCorrection | None:
+        """The ``fastppo.RolloutCorrection`` of the rollout_is options, or None when off."""
+        if self.rollout_is == "off":
+            return None
+        return RolloutCorrection(
+            self.rollout_is, self.rollout_is_mode, self.rollout_is_high, self.rollout_is_low
+        )
 
 
 def _one_of(name: str, value, choices) -> None:

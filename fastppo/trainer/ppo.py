@@ -186,6 +186,7 @@ def sample_rollout(run: Run) -> Rollout:
         run.policy, run.reference, run.critic, run.tokenizer, prompts, run.reward_fn, run.device,
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, padding_free=cfg.padding_free, fused=cfg.fused_lm_head,
+        sampler_logprobs=cfg.rollout_is != "off",
     )  # fmt: skip
 
 
@@ -239,11 +240,16 @@ def micro_batch_losses(
         )
     kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
     weights = batch.flat(algorithms.token_weights(batch.response_mask, cfg.loss_agg))
+    lengths = batch.response_mask.sum(1)
+    corrected = cfg.rollout_is != "off"
     policy_sum, stats = POLICY_LOSSES[cfg.policy_loss].compute(PolicyLossInputs(
         logp=logp, old_logp=batch.flat(batch.old_logp), advantages=batch.flat(batch.advantages),
-        weights=weights, ref_logp=batch.flat(batch.ref_logp) if kl_in_loss else None, kl_coef=kl_coef,
+        weights=weights, cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        ref_logp=batch.flat(batch.ref_logp) if kl_in_loss else None, kl_coef=kl_coef,
         kl_estimator=cfg.kl_estimator, entropy=entropy, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg),
+        rollout_logp=batch.flat(batch.rollout_logp) if corrected else None,
+        rollout_correction=cfg.rollout_correction(),
     ))  # fmt: skip
     loss = policy_sum / normaliser
     value_loss = torch.zeros((), device=device)
@@ -258,8 +264,14 @@ def micro_batch_losses(
     return loss, policy_sum.detach() / normaliser, value_loss.detach(), stats
 
 
-#: Statistics of the policy loss averaged over micro-batches into the iteration's metrics.
+#: Statistics of the policy loss averaged over micro-batches into the iteration's metrics (the
+#: rollout-correction ones with rollout_is).
 LOSS_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "approx_kl_k3", "entropy")
+ROLLOUT_STATS = ("is_weight_mean", "is_filtered", "rollout_kl", "rollout_kl_k3")
+
+
+def loss_stats(cfg: PPOConfig) -> tuple[str, ...]:
+    return LOSS_STATS + (ROLLOUT_STATS if cfg.rollout_is != "off" else ())
 
 
 def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
@@ -286,7 +298,7 @@ def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
         totals["policy_loss"] += policy_loss.item()
         totals["value_loss"] += value_loss.item()
         stats["approx_kl_k3"] = stats["ratio_mean"] - 1 + stats["approx_kl"]  # mean of (r − 1) − log r
-        for key in LOSS_STATS:
+        for key in loss_stats(cfg):
             totals[key] += stats[key].item() * len(micro) / len(batch)
 
 
@@ -304,7 +316,7 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
         warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
     for model in run.trained.values():
         model.train()
-    totals = dict.fromkeys(("policy_loss", "value_loss", *LOSS_STATS), 0.0)
+    totals = dict.fromkeys(("policy_loss", "value_loss", *loss_stats(cfg)), 0.0)
     steps = 0
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for _ in range(cfg.ppo_epochs if n_used > 0 else 0):

@@ -25,7 +25,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import fastppo
 from fastppo import packing
@@ -218,6 +224,7 @@ class Samples:
     prompt_mask: torch.Tensor  # (B, P) bool
     response_mask: torch.Tensor  # (B, R) bool, response tokens up to and including EOS
     truncated: torch.Tensor  # (B,) bool, no EOS within the token limit
+    sampler_logp: torch.Tensor | None = None  # (B, R) fp32, what the sampler gave each token
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -226,6 +233,35 @@ class Samples:
     def tokens(self, padding_free: bool) -> TokenBatch:
         return response_tokens(
             self.sequences, self.attention_mask, self.response_mask, padding_free=padding_free
+        )
+
+
+class SamplerLogprobs(LogitsProcessor):
+    """Last of generate's processors: the log-prob the sampler gave each token it sampled (after
+    temperature and top-p), as a vLLM-style sampler reports it. A step's log-softmax (B, V) is kept
+    only until the next step shows which token was drawn."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.steps.append(self._pending.gather(1, tokens[:, None]).squeeze(1))
+            self._pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self._pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor:
+        """(B, R) fp32 for the generated ``responses`` (B, R)."""
+        self._take(responses[:, len(self.steps)])
+        return (
+            torch.stack(self.steps, 1)
+            if self.steps
+            else responses.new_zeros(responses.shape, dtype=torch.float32)
         )
 
 
@@ -239,16 +275,27 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
+    sampler_logprobs: bool = False,
 ) -> Samples:
-    """Sample one response per prompt (``temperature`` 0: greedy)."""
+    """Sample one response per prompt (``temperature`` 0: greedy); ``sampler_logprobs``: also keep
+    the log-prob the sampler drew each token with (``Samples.sampler_logp``)."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
-    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else {}
+    # The warpers are ours, so that the recorder sees the distribution tokens are drawn from.
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1:
+            processors.append(TopPLogitsWarper(top_p))
+    recorder = SamplerLogprobs() if sampler_logprobs else None
+    if recorder is not None:
+        processors.append(recorder)
+    sample = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else {}
     with runtime.autocast(device):
         # Sharded weights: every generation step is a collective, so all ranks step until all are done.
         sequences = runtime.unwrap(policy).generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=runtime.is_sharded(policy), **sample,
+            synced_gpus=runtime.is_sharded(policy), logits_processor=processors, **sample,
         )  # fmt: skip
     responses = sequences[:, prompt_ids.shape[1] :]
     response_mask = ends_at_eos(responses, tokenizer.eos_token_id)
@@ -256,7 +303,10 @@ def generate(
         torch.where(response_mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
     )
     truncated = ~(responses == tokenizer.eos_token_id).any(1)
-    return Samples(prompts, texts, sequences, prompt_mask.bool(), response_mask, truncated)
+    sampler_logp = None
+    if recorder is not None:
+        sampler_logp = torch.where(response_mask, recorder.result(responses), 0.0)
+    return Samples(prompts, texts, sequences, prompt_mask.bool(), response_mask, truncated, sampler_logp)
 
 
 def load_reward(spec: str, tokenizer):
@@ -298,6 +348,7 @@ class Rollout:
     old_logp: torch.Tensor  # (B, R) fp32, the sampling policy's log-probs; 0 after each response
     ref_logp: torch.Tensor  # (B, R) fp32, the reference's
     values: torch.Tensor | None  # (B, R) fp32, the critic's; None without one
+    rollout_logp: torch.Tensor | None = None  # (B, R) fp32, the sampler's own; kept for rollout correction
     advantages: torch.Tensor | None = None  # (B, R), set by the advantage estimator
     returns: torch.Tensor | None = None  # (B, R), the critic's targets (estimators with a critic)
 
@@ -335,16 +386,18 @@ def collect(
     top_p: float,
     padding_free: bool,
     fused: bool = True,
+    sampler_logprobs: bool = False,
 ) -> Rollout:
     """Generate ``group_size`` responses per prompt, score them, and read the policy's and the
     reference's log-probs (at the sampling temperature; ``fused``: see ``token_logprobs_of``) and
-    the critic's values, all through one layout of the batch."""
+    the critic's values, all through one layout of the batch; ``sampler_logprobs``: also the
+    log-probs generation drew the tokens with (``Rollout.rollout_logp``)."""
     repeated = [p for p in prompts for _ in range(group_size)]
     policy.eval()
     if critic is not None:
         critic.eval()
     samples = generate(policy, tokenizer, repeated, device, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p)  # fmt: skip
+                       temperature=temperature, top_p=top_p, sampler_logprobs=sampler_logprobs)  # fmt: skip
     scores = torch.tensor(reward_fn(repeated, samples.texts), dtype=torch.float32, device=device)
     tokens = samples.tokens(padding_free)
     with runtime.autocast(device):
@@ -356,5 +409,5 @@ def collect(
         sequences=samples.sequences, attention_mask=samples.attention_mask, response_mask=mask,
         truncated=samples.truncated, group_ids=torch.arange(len(repeated), device=device) // group_size,
         scores=scores, old_logp=to_padded(old_logp, mask), ref_logp=to_padded(ref_logp, mask),
-        values=to_padded(values, mask) if values is not None else None,
+        values=to_padded(values, mask) if values is not None else None, rollout_logp=samples.sampler_logp,
     )  # fmt: skip
