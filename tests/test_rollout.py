@@ -165,12 +165,10 @@ def test_sampler_logprobs_are_what_generation_drew_with():
     prompts = tiny.synthetic_prompts(10, seed=4)
     for top_p in (1.0, 0.8):
         torch.manual_seed(2)
-        samples = rollout.generate(model, tokenizer, prompts, CPU, max_new_tokens=7, temperature=0.7, top_p=top_p,
-                                   sampler_logprobs=True)  # fmt: skip
+        options = dict(max_new_tokens=7, temperature=0.7, top_p=top_p)
+        samples = rollout.generate(model, tokenizer, prompts, CPU, sampler_logprobs=True, **options)
         torch.manual_seed(2)
-        plain = rollout.generate(
-            model, tokenizer, prompts, CPU, max_new_tokens=7, temperature=0.7, top_p=top_p
-        )
+        plain = rollout.generate(model, tokenizer, prompts, CPU, **options)
         assert torch.equal(samples.sequences, plain.sequences) and plain.sampler_logp is None
         mask = samples.response_mask
         assert samples.sampler_logp.shape == mask.shape and (samples.sampler_logp[~mask] == 0).all()
