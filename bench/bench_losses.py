@@ -1,16 +1,23 @@
-"""kl_penalty, ppo_policy_loss and value_loss on fp32 (B, T) token tensors with a bool mask.
+"""kl_penalty, ppo_policy_loss (and its family) and value_loss on fp32 (B, T) token tensors with a
+bool mask.
 
 Providers: ``torch`` (the eager reference in ``fastppo.reference``), ``compile`` (torch.compile of
 it), ``verl`` (its own ``kl_penalty``, ``compute_policy_loss_vanilla`` + ``agg_loss`` terms and
 ``compute_value_loss``, when verl is installed) and ``fastppo``. The policy loss runs with
 everything on: asymmetric and dual clip, a k3 KL term against ``ref_logp`` and an entropy bonus,
-token-mean aggregation.
+token-mean aggregation. The family, each alone (no KL or entropy term), as the op name with the
+member after a colon: ``ppo_policy_loss:gspo`` (sequence ratio, clip 3e-4/4e-4),
+``ppo_policy_loss:cispo`` (weights up to 5), ``ppo_policy_loss:sapo`` (seq-mean-token-mean, as verl
+forces it) and ``ppo_policy_loss:tis`` (PPO clip with token-level TIS at 2 from ``rollout_logp``;
+verl: its ``compute_rollout_correction_weights`` then the vanilla loss with those weights).
 
 Bytes floor: every input read once and every output written once; forward+backward adds the
 upstream gradient's read and each input gradient's write. Per token, fp32:
     kl_penalty       fwd 12 B (logp, ref_logp → kl)                     fwd_bwd 20 B
     ppo_policy_loss  fwd 21 B (5 fp32 inputs + the mask; 0-d outputs)  fwd_bwd 29 B (grad logp, entropy)
     value_loss       fwd 13 B (3 fp32 inputs + the mask)               fwd_bwd 17 B (grad values)
+    gspo, cispo, sapo fwd 13 B (logp, old_logp, advantages, mask)      fwd_bwd 17 B (grad logp)
+    tis              fwd 17 B (and rollout_logp)                       fwd_bwd 21 B
 """
 
 import functools
@@ -21,7 +28,16 @@ import fastppo
 from bench import harness
 from bench.harness import Benchmark
 
-OPS = ("kl_penalty", "ppo_policy_loss", "value_loss")
+#: Members of the policy-loss family: the op's options (verl's loss mode and clip ratios for the peer).
+FAMILY = {
+    "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
+    "cispo": dict(loss="cispo", clip_low=1.0, clip_high=4.0),
+    "sapo": dict(loss="sapo", agg="seq-mean-token-mean"),
+    "tis": dict(
+        clip_low=0.2, clip_high=0.28, rollout_correction=fastppo.RolloutCorrection("token", "truncate", 2.0)
+    ),
+}
+OPS = ("kl_penalty", "ppo_policy_loss", "value_loss", *(f"ppo_policy_loss:{name}" for name in FAMILY))
 FULL_SHAPES = [(64, 1024), (256, 4096), (512, 8192)]
 QUICK_SHAPES = [(4, 64), (8, 300)]
 FLOOR_BYTES_PER_TOKEN = {
@@ -31,6 +47,8 @@ FLOOR_BYTES_PER_TOKEN = {
     ("ppo_policy_loss", "fwd_bwd"): 29,
     ("value_loss", "fwd"): 13,
     ("value_loss", "fwd_bwd"): 17,
+    **{(f"ppo_policy_loss:{name}", "fwd"): 17 if name == "tis" else 13 for name in FAMILY},
+    **{(f"ppo_policy_loss:{name}", "fwd_bwd"): 21 if name == "tis" else 17 for name in FAMILY},
 }
 POLICY_OPTIONS = dict(
     clip_low=0.2,
@@ -66,8 +84,25 @@ def _value(module):
     return lambda b: module.value_loss(b["values"], b["old_values"], b["returns"], b["mask"], clip=0.2)[0]
 
 
+def _member(name):
+    options = dict(FAMILY[name])
+    uses_rollout = "rollout_correction" in options
+
+    def impl(module):
+        def run(b):
+            rollout = dict(rollout_logp=b["rollout_logp"]) if uses_rollout else {}
+            return module.ppo_policy_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], **rollout,
+                                          **options)[0]  # fmt: skip
+
+        return run
+
+    return impl
+
+
 _IMPLS = {"kl_penalty": _kl, "ppo_policy_loss": _policy, "value_loss": _value}
+_IMPLS |= {f"ppo_policy_loss:{name}": _member(name) for name in FAMILY}
 _GRAD_INPUTS = {"kl_penalty": ("logp",), "ppo_policy_loss": ("logp", "entropy"), "value_loss": ("values",)}
+_GRAD_INPUTS |= {f"ppo_policy_loss:{name}": ("logp",) for name in FAMILY}
 
 
 @functools.cache
@@ -110,9 +145,33 @@ def _verl(op):
     return run
 
 
+def _verl_member(name):
+    """verl's own function of the family member (its ActorConfig; TIS: verl's weights, then vanilla)."""
+    from verl.trainer.ppo import core_algos, rollout_corr_helper
+    from verl.workers.config import ActorConfig
+
+    options = FAMILY[name]
+    low, high = options.get("clip_low", 0.2), options.get("clip_high", 0.2)
+    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=low,
+                         clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=3.0)  # fmt: skip
+    loss_fn = core_algos.get_policy_loss_fn("vanilla" if name == "tis" else name)
+    agg = options.get("agg", "token-mean")
+
+    def run(b):
+        mask = b["mask"].float()
+        weights = None
+        if name == "tis":
+            weights, _ = rollout_corr_helper.compute_rollout_correction_weights(
+                b["old_logp"] - b["rollout_logp"], mask, "token", 2.0
+            )
+        return loss_fn(b["old_logp"], b["logp"], b["advantages"], mask, agg, config, weights)[0]
+
+    return run
+
+
 def _impl(op, provider):
     if provider == "verl":
-        return _verl(op)
+        return _verl_member(op.split(":")[1]) if ":" in op else _verl(op)
     if provider == "torch":
         return _IMPLS[op](fastppo.reference)
     if provider == "compile":
@@ -129,6 +188,7 @@ def _batch(B, T, device):
         "logp": logp,
         "old_logp": logp + 0.1 * rand(),
         "ref_logp": logp + 0.1 * rand(),
+        "rollout_logp": logp + 0.1 * rand(),
         "advantages": rand(),
         "entropy": rand().abs(),
         "mask": rand() > -1.0,

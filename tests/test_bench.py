@@ -62,6 +62,22 @@ def test_loss_benchmarks(tmp_path):
         assert per_token == pytest.approx(floor[r["op"]][r["mode"] == "fwd_bwd"])
 
 
+def test_policy_loss_family_benchmarks(tmp_path):
+    """Each member of the family is its own case (the op name, a colon, the member), against verl's
+    own function where verl is installed."""
+    members = ("gspo", "cispo", "sapo", "tis")
+    ops = ",".join(f"ppo_policy_loss:{m}" for m in members)
+    proc, result = run_bench(
+        tmp_path, "--ops", ops, "--providers", "torch,verl,fastppo", "--modes", "fwd_bwd"
+    )
+    providers = {"torch", "fastppo"} | ({"verl"} if "provider 'verl' left out" not in proc.stdout else set())
+    seen = {(r["op"], r["provider"], r["shape"]["B"]) for r in result["records"]}
+    assert seen == {(f"ppo_policy_loss:{m}", p, B) for m in members for p in providers for B in (4, 8)}
+    for r in result["records"]:
+        per_token = r["gbps"] * 1e6 * r["ms"] / (r["shape"]["B"] * r["shape"]["T"])
+        assert per_token == pytest.approx(21 if r["op"].endswith(":tis") else 17)
+
+
 def test_advantage_benchmarks(tmp_path):
     _, result = run_bench(
         tmp_path, "--ops", "gae,masked_whiten,group_advantages", "--providers", "torch,fastppo"
