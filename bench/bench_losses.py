@@ -8,15 +8,17 @@ everything on: asymmetric and dual clip, a k3 KL term against ``ref_logp`` and a
 token-mean aggregation. The family, each alone (no KL or entropy term), as the op name with the
 member after a colon: ``ppo_policy_loss:gspo`` (sequence ratio, clip 3e-4/4e-4),
 ``ppo_policy_loss:cispo`` (weights up to 5), ``ppo_policy_loss:sapo`` (seq-mean-token-mean, as verl
-forces it) and ``ppo_policy_loss:tis`` (PPO clip with token-level TIS at 2 from ``rollout_logp``;
-verl: its ``compute_rollout_correction_weights`` then the vanilla loss with those weights).
+forces it), ``ppo_policy_loss:geo_mean`` (GMPO, log-space clip 0.4) and ``ppo_policy_loss:tis``
+(PPO clip with token-level TIS at 2 from ``rollout_logp``; verl: its
+``compute_rollout_correction_weights`` then the vanilla loss with those weights).
 
 Bytes floor: every input read once and every output written once; forward+backward adds the
 upstream gradient's read and each input gradient's write. Per token, fp32:
     kl_penalty       fwd 12 B (logp, ref_logp → kl)                     fwd_bwd 20 B
     ppo_policy_loss  fwd 21 B (5 fp32 inputs + the mask; 0-d outputs)  fwd_bwd 29 B (grad logp, entropy)
     value_loss       fwd 13 B (3 fp32 inputs + the mask)               fwd_bwd 17 B (grad values)
-    gspo, cispo, sapo fwd 13 B (logp, old_logp, advantages, mask)      fwd_bwd 17 B (grad logp)
+    gspo, cispo,     fwd 13 B (logp, old_logp, advantages, mask)      fwd_bwd 17 B (grad logp)
+    sapo, geo_mean
     tis              fwd 17 B (and rollout_logp)                       fwd_bwd 21 B
 """
 
@@ -33,6 +35,7 @@ FAMILY = {
     "gspo": dict(ratio_level="sequence", clip_low=3e-4, clip_high=4e-4),
     "cispo": dict(loss="cispo", clip_low=1.0, clip_high=4.0),
     "sapo": dict(loss="sapo", agg="seq-mean-token-mean"),
+    "geo_mean": dict(loss="geo_mean", clip_low=0.4, clip_high=0.4, agg="seq-mean-token-mean"),
     "tis": dict(
         clip_low=0.2, clip_high=0.28, rollout_correction=fastppo.RolloutCorrection("token", "truncate", 2.0)
     ),

@@ -38,48 +38,70 @@ STATS = (
 _RATIO_MAX = STATS.index("ratio_max")
 
 #: Codes the kernels switch on (constexprs: one compiled variant each).
-LOSSES = {"clip": 0, "cispo": 1, "sapo": 2}
+LOSSES = {"clip": 0, "cispo": 1, "sapo": 2, "geo_mean": 3}
 ROLLOUT_LEVELS = {"token": 1, "sequence": 2, "geometric": 3}
-#: Per-row sums: Σ m·(logp − old_logp), Σ m, Σ m·(old_logp − rollout_logp).
-_ROW_COLUMNS = 3
+#: Per-row sums: Σ m·x (x the log-ratio, or GMPO's clipped one), Σ m, Σ m·(old_logp −
+#: rollout_logp), Σ m·A.
+_ROW_COLUMNS = 4
 
 
 @triton.jit
-def _row_sum_terms(m, counted, log_ratio, trainer_over_sampler):
+def _geo_log_ratio(log_ratio, adv, clip_low, clip_high):
+    """GMPO's per-token log-ratio, clipped on the side the advantage's sign makes optimistic (0 for
+    A = 0), and whether it follows logp (a bound is not reached on that side)."""
+    up = adv > 0
+    down = adv < 0
+    x = tl.where(up, tl.minimum(log_ratio, clip_high), tl.where(down, tl.maximum(log_ratio, -clip_low), 0.0))
+    follows = (up & (log_ratio <= clip_high)) | (down & (log_ratio >= -clip_low))
+    return x, follows
+
+
+@triton.jit
+def _row_sum_terms(m, counted, x, trainer_over_sampler, adv):
     """This tile's contribution to the per-row sums (masked; padding may hold inf or NaN)."""
-    s_lr = tl.sum(tl.where(counted, m * log_ratio, 0.0), axis=0)
+    s_x = tl.sum(tl.where(counted, m * x, 0.0), axis=0)
     s_d = tl.sum(tl.where(counted, m * trainer_over_sampler, 0.0), axis=0)
-    return s_lr, tl.sum(m, axis=0), s_d
+    s_a = tl.sum(tl.where(counted, m * adv, 0.0), axis=0)
+    return s_x, tl.sum(m, axis=0), s_d, s_a
 
 
 @triton.jit
 def _row_sums_kernel(
     logp_ptr,
     old_logp_ptr,
+    advantages_ptr,
     rollout_logp_ptr,
     mask_ptr,
     row_sums_ptr,
+    clip_low,
+    clip_high,
     T,
     n_chunks,
     BLOCK_T: tl.constexpr,
     SUM_LOG_RATIO: tl.constexpr,
     SUM_ROLLOUT: tl.constexpr,
 ):
+    """SUM_LOG_RATIO: 0 none, 1 the log-ratio, 2 GMPO's clipped log-ratio and the advantages."""
     pid = tl.program_id(0)
     _, idx, inside = chunk_of_row(pid, T, n_chunks, BLOCK_T)
     m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
     old_logp = tl.load(old_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-    log_ratio = tl.zeros((BLOCK_T,), tl.float32)
-    if SUM_LOG_RATIO:
-        log_ratio = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32) - old_logp
+    x = tl.zeros((BLOCK_T,), tl.float32)
+    adv = tl.zeros((BLOCK_T,), tl.float32)
+    if SUM_LOG_RATIO > 0:
+        x = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32) - old_logp
+    if SUM_LOG_RATIO == 2:
+        adv = tl.load(advantages_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        x, _ = _geo_log_ratio(x, adv, clip_low, clip_high)
     d = tl.zeros((BLOCK_T,), tl.float32)
     if SUM_ROLLOUT:
         d = old_logp - tl.load(rollout_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-    s_lr, s_m, s_d = _row_sum_terms(m, m != 0, log_ratio, d)
-    out = row_sums_ptr + pid.to(tl.int64) * 3
-    tl.store(out + 0, s_lr)
+    s_x, s_m, s_d, s_a = _row_sum_terms(m, m != 0, x, d, adv)
+    out = row_sums_ptr + pid.to(tl.int64) * 4
+    tl.store(out + 0, s_x)
     tl.store(out + 1, s_m)
     tl.store(out + 2, s_d)
+    tl.store(out + 3, s_a)
 
 
 @triton.jit
@@ -183,30 +205,45 @@ def _ppo_policy_loss_fwd_kernel(
         rollout_logp = tl.load(rollout_logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         d = old_logp - rollout_logp
 
+    x = log_ratio  # what the row sums add up: the log-ratio, or GMPO's clipped one
+    follows = log_ratio == log_ratio
+    if LOSS == 3:
+        x, follows = _geo_log_ratio(log_ratio, adv, clip_low, clip_high)
+
     # Per-row sums (ROW_SUMS: 0 none, 1 this tile is the whole row, 2 from _row_sums_kernel).
-    s_lr = tl.zeros((), tl.float32)
+    s_x = tl.zeros((), tl.float32)
     s_m = tl.zeros((), tl.float32)
     s_d = tl.zeros((), tl.float32)
+    s_a = tl.zeros((), tl.float32)
     if ROW_SUMS == 1:
-        s_lr, s_m, s_d = _row_sum_terms(m, counted, log_ratio, d)
+        s_x, s_m, s_d, s_a = _row_sum_terms(m, counted, x, d, adv)
     elif ROW_SUMS == 2:
         for c in range(0, n_chunks):
-            part = row_sums_ptr + (row.to(tl.int64) * n_chunks + c) * 3
-            s_lr += tl.load(part + 0)
+            part = row_sums_ptr + (row.to(tl.int64) * n_chunks + c) * 4
+            s_x += tl.load(part + 0)
             s_m += tl.load(part + 1)
             s_d += tl.load(part + 2)
+            s_a += tl.load(part + 3)
 
-    if SEQ_RATIO:
-        seq_log_ratio = s_lr / tl.maximum(s_m, 1.0)
-        seq_log_ratio += tl.zeros((BLOCK_T,), tl.float32)  # one value per token of the row
-        ratio = tl.exp(tl.minimum(seq_log_ratio, 10.0))
-        grad_ok = seq_log_ratio <= 10.0
+    if SEQ_RATIO or LOSS == 3:
+        seq_log_ratio = s_x / tl.maximum(s_m, 1.0) + tl.zeros((BLOCK_T,), tl.float32)  # one per token
+        bound = 10.0 if SEQ_RATIO else 20.0
+        ratio = tl.exp(tl.minimum(seq_log_ratio, bound))
+        grad_ok = seq_log_ratio <= bound
     else:
         ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
         grad_ok = tl.abs(log_ratio) <= 20.0
-    loss, dloss, clipped, lower = _surrogate(
-        logp, ratio, grad_ok, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg, LOSS, HAS_DUAL_CLIP
-    )
+    if LOSS == 3:  # GMPO: the row's loss −Ā·ratio on each of its tokens, the gradient of the row's
+        mean_adv = s_a / tl.maximum(s_m, 1.0)
+        loss = -mean_adv * ratio
+        dloss = tl.where(grad_ok & follows, loss, 0.0)
+        outside = (log_ratio > clip_high) | (log_ratio < -clip_low)
+        clipped = outside & (adv > 0)
+        lower = outside & (adv < 0)
+    else:
+        loss, dloss, clipped, lower = _surrogate(
+            logp, ratio, grad_ok, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg, LOSS, HAS_DUAL_CLIP
+        )
 
     weight = tl.full((BLOCK_T,), 1.0, tl.float32)
     if HAS_WEIGHTS:
@@ -257,14 +294,18 @@ def _ppo_policy_loss_fwd_kernel(
             tl.store(part + j, 0.0)
 
 
-def _row_sums(logp, old_logp, rollout_logp, mask, block_t, n_chunks, *, log_ratio: bool, rollout: bool):
-    """Per-(row, chunk) sums for rows longer than one chunk (``_ROW_COLUMNS`` each), or None."""
+def _row_sums(
+    logp, old_logp, advantages, rollout_logp, mask, clips, block_t, n_chunks, *, log_ratio, rollout
+):
+    """Per-(row, chunk) sums for rows longer than one chunk (``_ROW_COLUMNS`` each), or None.
+    ``log_ratio``: 0 none, 1 the log-ratio, 2 GMPO's clipped log-ratio (and the advantages)."""
     B, T = logp.shape
     if not (log_ratio or rollout) or n_chunks == 1:
         return None
     row_sums = torch.empty((B * n_chunks, _ROW_COLUMNS), dtype=torch.float32, device=logp.device)
     _row_sums_kernel[(B * n_chunks,)](
-        logp, old_logp, rollout_logp if rollout else old_logp, mask, row_sums, T, n_chunks,
+        logp, old_logp, advantages, rollout_logp if rollout else old_logp, mask, row_sums,
+        *clips, T, n_chunks,
         BLOCK_T=block_t, SUM_LOG_RATIO=log_ratio, SUM_ROLLOUT=rollout, num_warps=4 if block_t <= 1024 else 8,
     )  # fmt: skip
     return row_sums
@@ -302,12 +343,14 @@ def ppo_policy_loss_fwd(
     partials = torch.empty((B * n_chunks, len(STATS)), dtype=torch.float32, device=logp.device)
     dlogp = torch.empty((B, T), dtype=torch.float32, device=logp.device) if store_grad else None
     seq_ratio = ratio_level == "sequence"
+    row_log_ratio = 2 if loss == "geo_mean" else int(seq_ratio)
     seq_rollout = rollout_level in ("sequence", "geometric")
     if B * T:
         row_sums = _row_sums(
-            logp, old_logp, rollout_logp, mask, block_t, n_chunks, log_ratio=seq_ratio, rollout=seq_rollout
-        )
-        row_mode = 0 if not (seq_ratio or seq_rollout) else (1 if row_sums is None else 2)
+            logp, old_logp, advantages, rollout_logp, mask, (clip_low, clip_high), block_t, n_chunks,
+            log_ratio=row_log_ratio, rollout=seq_rollout,
+        )  # fmt: skip
+        row_mode = 0 if not (row_log_ratio or seq_rollout) else (1 if row_sums is None else 2)
         _ppo_policy_loss_fwd_kernel[(B * n_chunks,)](
             logp, old_logp, advantages, mask,
             ref_logp if ref_logp is not None else logp,

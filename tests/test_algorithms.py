@@ -28,7 +28,7 @@ def batch(seed=0, B=6, R=5):
 def test_registries_cover_the_presets():
     assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++-baseline"}
     assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "rloo", "reinforce++", "dapo", "gspo", "cispo"}
-    assert set(POLICY_LOSSES) == {"ppo-clip", "gspo", "cispo", "sapo"}
+    assert set(POLICY_LOSSES) == {"ppo-clip", "gspo", "cispo", "sapo", "geo_mean"}
     for preset in PRESETS.values():
         assert preset.defaults["advantage"] in ADVANTAGES
     assert [e.name for e in ADVANTAGES.values() if e.needs_critic] == ["gae"]
@@ -79,7 +79,7 @@ def test_whitening_statistics_come_from_kept_responses():
 @pytest.mark.parametrize(
     "name, loss, ratio_level",
     [("ppo-clip", "clip", "token"), ("gspo", "clip", "sequence"), ("cispo", "cispo", "token"),
-     ("sapo", "sapo", "token")],
+     ("sapo", "sapo", "token"), ("geo_mean", "geo_mean", "token")],
 )  # fmt: skip
 @pytest.mark.parametrize("corrected", [False, True])
 def test_policy_loss_entries_are_the_op(name, loss, ratio_level, corrected):

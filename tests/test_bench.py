@@ -65,7 +65,7 @@ def test_loss_benchmarks(tmp_path):
 def test_policy_loss_family_benchmarks(tmp_path):
     """Each member of the family is its own case (the op name, a colon, the member), against verl's
     own function where verl is installed."""
-    members = ("gspo", "cispo", "sapo", "tis")
+    members = ("gspo", "cispo", "sapo", "geo_mean", "tis")
     ops = ",".join(f"ppo_policy_loss:{m}" for m in members)
     proc, result = run_bench(
         tmp_path, "--ops", ops, "--providers", "torch,verl,fastppo", "--modes", "fwd_bwd"

@@ -6,6 +6,7 @@ reference (loss, every stat, gradients with a non-unit upstream) on odd sizes, r
 one chunk, empty and single-token rows and huge ratios; packed vs padded; determinism; errors.
 """
 
+import itertools
 import math
 
 import pytest
@@ -14,6 +15,17 @@ import torch
 import fastppo
 from fastppo import reference
 from fastppo.reference import RolloutCorrection
+
+#: (loss, ratio_level) pairs: GMPO (geo_mean) has its own sequence ratio.
+MEMBERS = [
+    (loss, level) for loss in reference.POLICY_LOSSES for level in reference.RATIO_LEVELS
+    if not (loss == "geo_mean" and level == "sequence")
+]  # fmt: skip
+
+
+def level_for(loss, level="sequence"):
+    return "token" if loss == "geo_mean" else level
+
 
 ROLLOUTS = {
     "none": None,
@@ -107,6 +119,19 @@ def hand_token(lp, r, grad_r, a, *, loss, clip_low, clip_high, tau):
     return -a * r, -a * grad_r
 
 
+def hand_geo_mean(lp, old, a, m, clip_low, clip_high):
+    """GMPO-token per token of one row: the loss, the gradient of its ratio (plain Python)."""
+    x, follows = [], []
+    for lr, adv in zip([p - q for p, q in zip(lp, old, strict=True)], a, strict=True):
+        x.append(min(lr, clip_high) if adv > 0 else max(lr, -clip_low) if adv < 0 else 0.0)
+        follows.append((adv > 0 and lr <= clip_high) or (adv < 0 and lr >= -clip_low))
+    count = max(sum(m), 1)
+    seq = sum(v * w for v, w in zip(x, m, strict=True)) / count
+    mean_adv = sum(v * w for v, w in zip(a, m, strict=True)) / count
+    rho = math.exp(min(seq, 20))
+    return [(-mean_adv * rho, -mean_adv * rho * f * (seq <= 20)) for f in follows]
+
+
 def hand_loss(b, *, loss, ratio_level, rc, use_weights, clip_low=0.2, clip_high=0.28, tau=(1.0, 1.05)):
     """seq-mean-token-mean loss and its gradient, fp64 Python."""
     rows, grads, n_rows = [], [], 0
@@ -117,6 +142,7 @@ def hand_loss(b, *, loss, ratio_level, rc, use_weights, clip_low=0.2, clip_high=
         count = sum(m)
         seq = sum(x for x, w in zip(lr, m, strict=True) if w) / max(count, 1)
         w_roll = hand_rollout_weight(old, b["rollout_logp"][i], m, rc)[0] if rc else [1.0] * len(lp)
+        geo = hand_geo_mean(lp, old, a, m, clip_low, clip_high) if loss == "geo_mean" else None
         row_l, row_g = 0.0, []
         for t in range(len(lp)):
             if ratio_level == "token":
@@ -125,9 +151,8 @@ def hand_loss(b, *, loss, ratio_level, rc, use_weights, clip_low=0.2, clip_high=
             else:
                 r = math.exp(min(seq, 10))
                 grad_r = r if seq <= 10 else 0.0
-            l_t, g_t = hand_token(
-                lp[t], r, grad_r, a[t], loss=loss, clip_low=clip_low, clip_high=clip_high, tau=tau
-            )
+            clips = dict(clip_low=clip_low, clip_high=clip_high, tau=tau)
+            l_t, g_t = geo[t] if geo else hand_token(lp[t], r, grad_r, a[t], loss=loss, **clips)
             w = w_roll[t] * (b["weights"][i][t] if use_weights else 1.0)
             row_l += l_t * w * m[t]
             row_g.append(g_t * w * m[t])
@@ -141,8 +166,7 @@ def hand_loss(b, *, loss, ratio_level, rc, use_weights, clip_low=0.2, clip_high=
     return sum(rows) / n_rows, [[g / n_rows for g in row] for row in grads]
 
 
-@pytest.mark.parametrize("loss", reference.POLICY_LOSSES)
-@pytest.mark.parametrize("ratio_level", reference.RATIO_LEVELS)
+@pytest.mark.parametrize("loss, ratio_level", MEMBERS)
 @pytest.mark.parametrize("rollout", ["none", "token-mis", "seq-tis", "geo-mis"])
 @pytest.mark.parametrize("use_weights", [False, True])
 def test_reference_matches_fp64_loop(loss, ratio_level, rollout, use_weights):
@@ -202,13 +226,33 @@ def test_gspo_token_form_is_gspo_for_row_constant_advantages(agg):
     torch.testing.assert_close(grad, logp.grad, atol=1e-13, rtol=1e-13)
 
 
+@pytest.mark.parametrize("agg", reference.AGGREGATIONS)
+def test_gmpo_token_form_is_gmpo(agg):
+    """GMPO-token equals GMPO (verl's geo_mean: the gradient through each sequence's mean) in loss
+    and gradient, any aggregation (each token carrying its sequence's loss)."""
+    b = make_batch(5, 11, dtype=torch.float64, spread=0.6)
+    b["advantages"][0, 3] = 0.0  # a token with no advantage has no clipped log-ratio
+    loss, _, grad = run(reference.ppo_policy_loss, b, loss="geo_mean", agg=agg, upstream=1.0)
+
+    logp = b["logp"].clone().requires_grad_()
+    m, adv = b["mask"].double(), b["advantages"]
+    lr = logp - b["old_logp"]
+    sign = torch.sign(adv)
+    x = sign * torch.minimum(sign * lr, sign * torch.clamp(lr, -0.2, 0.2))
+    count = m.sum(-1, keepdim=True).clamp(min=1)
+    per_row = -(adv * m).sum(-1, keepdim=True) / count * torch.exp((x * m).sum(-1, keepdim=True) / count)
+    expected = reference.agg_loss(per_row.expand_as(lr), m, agg)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(grad, logp.grad, atol=1e-13, rtol=1e-13)
+
+
 # --------------------------------------------------------------------------------------------
 # The kernel against the reference.
 
 
 @pytest.mark.parametrize("T", [1, 37, 2500])  # 2500 > one chunk: the row sums come from a pre-pass
-@pytest.mark.parametrize("loss", reference.POLICY_LOSSES)
-@pytest.mark.parametrize("ratio_level", reference.RATIO_LEVELS)
+@pytest.mark.parametrize("loss, ratio_level", MEMBERS)
 @pytest.mark.parametrize("rollout", list(ROLLOUTS))
 def test_kernel_matches_reference(T, loss, ratio_level, rollout):
     b = make_batch(4, T, seed=T)
@@ -223,7 +267,7 @@ def test_kernel_matches_reference(T, loss, ratio_level, rollout):
 def test_kernel_matches_reference_every_aggregation_with_kl(agg, loss):
     b = make_batch(5, 29, seed=3)
     assert_kernel_matches(
-        b, agg=agg, loss=loss, ratio_level="sequence", rollout=ROLLOUTS["seq-mis"], use_weights=True,
+        b, agg=agg, loss=loss, ratio_level=level_for(loss), rollout=ROLLOUTS["seq-mis"], use_weights=True,
         ref_logp=b["ref_logp"], kl_coef=0.05,
     )  # fmt: skip
 
@@ -233,7 +277,7 @@ def test_kernel_matches_reference_every_aggregation_with_kl(agg, loss):
 def test_kernel_matches_reference_half_precision(dtype, loss):
     b = make_batch(4, 45, seed=5, dtype=dtype)
     assert_kernel_matches(
-        b, loss=loss, ratio_level="sequence", rollout=ROLLOUTS["token-tis"], use_weights=True
+        b, loss=loss, ratio_level=level_for(loss), rollout=ROLLOUTS["token-tis"], use_weights=True
     )
 
 
@@ -242,21 +286,13 @@ def test_huge_ratios_are_clamped_and_finite():
     b["old_logp"][0, :5] = b["logp"][0, :5] - 30.0  # token ratios e^30: clamped at e^20
     b["old_logp"][3] = b["logp"][3] - 12.0  # a sequence ratio beyond e^10: clamped, no gradient
     b["rollout_logp"][0, :5] = b["old_logp"][0, :5] + 30.0  # rollout weights e^-30
-    for loss in reference.POLICY_LOSSES:
-        for level in reference.RATIO_LEVELS:
-            for rollout in ("token-tis", "seq-mis", "geo-mis"):
-                k_loss, stats, grad = assert_kernel_matches(
-                    b,
-                    loss=loss,
-                    ratio_level=level,
-                    rollout=ROLLOUTS[rollout],
-                    clip_low=math.inf,
-                    clip_high=4.0,
-                )
-                assert torch.isfinite(k_loss) and torch.isfinite(grad).all()
-                assert all(torch.isfinite(v) for v in stats.values())
-                if level == "sequence" and loss != "cispo":
-                    assert (grad[3] == 0).all()  # the clamp at 10 holds the whole row
+    for (loss, level), rollout in itertools.product(MEMBERS, ("token-tis", "seq-mis", "geo-mis")):
+        kwargs = dict(loss=loss, ratio_level=level, rollout=ROLLOUTS[rollout])
+        k_loss, stats, grad = assert_kernel_matches(b, clip_low=math.inf, clip_high=4.0, **kwargs)
+        assert torch.isfinite(k_loss) and torch.isfinite(grad).all()
+        assert all(torch.isfinite(v) for v in stats.values())
+        if level == "sequence" and loss != "cispo":
+            assert (grad[3] == 0).all()  # the clamp at 10 holds the whole row
 
 
 def test_all_zero_mask_gives_zeros():
@@ -264,7 +300,7 @@ def test_all_zero_mask_gives_zeros():
     b["mask"][:] = False
     for loss in reference.POLICY_LOSSES:
         k_loss, stats, grad = assert_kernel_matches(
-            b, loss=loss, ratio_level="sequence", rollout=ROLLOUTS["seq-tis"], use_weights=True
+            b, loss=loss, ratio_level=level_for(loss), rollout=ROLLOUTS["seq-tis"], use_weights=True
         )
         assert k_loss.item() == 0 and (grad == 0).all()
         assert all(v.item() == 0 for v in stats.values())
@@ -331,6 +367,7 @@ def test_weights_leave_the_kl_term_alone():
         (dict(loss="ppo"), "loss must be one of"),
         (dict(ratio_level="seq"), "ratio_level must be one of"),
         (dict(loss="cispo", dual_clip=3.0), "dual_clip applies to loss='clip'"),
+        (dict(loss="geo_mean", ratio_level="sequence"), "has its own sequence ratio"),
         (dict(sapo_tau=1.0), "sapo_tau must be a pair"),
         (dict(sapo_tau=(1.0, -1.0)), r"sapo_tau\[1\]"),
         (dict(clip_low=math.inf), "clip_high must be finite"),

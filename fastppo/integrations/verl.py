@@ -15,6 +15,7 @@ compute_policy_loss_vanilla         ``ppo_policy_loss`` (dual clip = ``clip_rati
 compute_policy_loss_gspo            ``ppo_policy_loss(ratio_level="sequence")``
 compute_policy_loss_cispo           ``ppo_policy_loss(loss="cispo")``
 compute_policy_loss_sapo            ``ppo_policy_loss(loss="sapo")``
+compute_policy_loss_geo_mean        ``ppo_policy_loss(loss="geo_mean")``
 compute_value_loss                  ``value_loss``
 logprobs_from_logits                ``token_logprobs``
 entropy_from_logits(_with_chunking) ``token_logprobs(return_entropy=True)``
@@ -24,13 +25,14 @@ linear_cross_entropy                ``linear_logprobs(return_entropy=True)`` (ve
 ==================================  =====================================================
 
 The policy losses live in ``fastppo.integrations.verl_policy_losses`` (its docstring lists the
-ones left to verl: geo_mean, clip_cov, kl_cov, gpg, dro, dppo_tv, dppo_kl).
+ones left to verl: clip_cov, kl_cov, gpg, dro, dppo_tv, dppo_kl).
 
 ``patch()`` swaps them into verl: the functions in their modules and in every loaded verl module
-that imported them, the ``"vanilla"``/``"gspo"``/``"cispo"``/``"sapo"`` policy losses and the
+that imported them, the ``"vanilla"``/``"gspo"``/``"cispo"``/``"sapo"``/``"geo_mean"`` policy losses and the
 ``"gae"``/``"grpo"``/``"rloo"`` advantage estimators in verl's registries (each only while it
 still holds verl's own function), and it calls ``register()``, which adds the policy losses as
-``"fastppo_vanilla"``, ``"fastppo_gspo"``, ``"fastppo_cispo"``, ``"fastppo_sapo"`` (select one
+``"fastppo_vanilla"``, ``"fastppo_gspo"``, ``"fastppo_cispo"``, ``"fastppo_sapo"``,
+``"fastppo_geo_mean"`` (select one
 with ``actor.policy_loss.loss_mode=fastppo_gspo``). ``unpatch()`` restores all of it exactly.
 Importing this module does not import verl.
 
@@ -55,6 +57,7 @@ from fastppo.integrations.verl_policy_losses import (  # noqa: F401  (verl's pol
     _float_dtype,
     _global_agg,
     compute_policy_loss_cispo,
+    compute_policy_loss_geo_mean,
     compute_policy_loss_gspo,
     compute_policy_loss_sapo,
     compute_policy_loss_vanilla,
@@ -404,7 +407,7 @@ def _targets() -> list[tuple[str, str, object]]:
 
 def register() -> None:
     """Register fastppo's policy losses with verl as ``"fastppo_vanilla"``, ``"fastppo_gspo"``,
-    ``"fastppo_cispo"`` and ``"fastppo_sapo"`` (imports verl).
+    ``"fastppo_cispo"``, ``"fastppo_sapo"`` and ``"fastppo_geo_mean"`` (imports verl).
 
     A side effect on verl's policy-loss registry, so it happens here, never at import; ``patch()``
     calls it too (and ``unpatch()`` removes the names again if ``patch()`` added them).

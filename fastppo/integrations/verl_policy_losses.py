@@ -14,13 +14,14 @@ vanilla     ``loss="clip"``, ``dual_clip=clip_ratio_c`` (dual-clip PPO)
 gspo        ``loss="clip"``, ``ratio_level="sequence"`` (GSPO-token; default agg seq-mean-token-mean)
 cispo       ``loss="cispo"`` (clip_ratio_low/high bound the stop-gradient ratio)
 sapo        ``loss="sapo"``, ``sapo_tau=(tau_pos, tau_neg)``; always seq-mean-token-mean, as verl
+geo_mean    ``loss="geo_mean"`` (GMPO-token), the mean over all rows whatever ``loss_agg_mode``,
+            as verl; IS weights as their per-sequence geometric mean, as verl
 ==========  ===================================================================================
 
 Left out (verl's own functions keep running): ``clip_cov`` picks a random subset of tokens
 (``torch.randperm``) by a covariance over the whole batch and ``kl_cov`` a top-k over the whole
-batch: neither is a per-token or per-sequence op; ``geo_mean`` is a sequence-level loss over
-sign-clipped log-ratios, not yet in the op; ``gpg``, ``dro``, ``dppo_tv`` and ``dppo_kl`` are not
-in scope.
+batch: neither is a per-token or per-sequence op (and clip_cov's draw is not deterministic);
+``gpg``, ``dro``, ``dppo_tv`` and ``dppo_kl`` are not in scope.
 
 Corners where the adapter is not verl, bit for bit:
 
@@ -33,6 +34,8 @@ Corners where the adapter is not verl, bit for bit:
   a relative difference of 1e-8 / count.
 - A config the op has no form for runs verl's own function (gspo, cispo: clip ratios ≤ 0 or an
   infinite ``clip_ratio_high``; sapo: a τ ≤ 0), vanilla a PyTorch copy (see its docstring).
+- geo_mean: the op bounds each sequence's mean log-ratio at 20 (verl at none: exp overflows at 88)
+  and divides by the token count where verl adds 1e-8 to it.
 - verl's gspo, cispo and sapo assert an ``ActorConfig``; the adapter takes any config with its
   fields (and raises ValueError for None or an AlgoConfig, as for vanilla).
 """
@@ -59,6 +62,7 @@ POLICY_LOSSES = {
     "gspo": "compute_policy_loss_gspo",
     "cispo": "compute_policy_loss_cispo",
     "sapo": "compute_policy_loss_sapo",
+    "geo_mean": "compute_policy_loss_geo_mean",
 }
 
 
@@ -341,3 +345,47 @@ def compute_policy_loss_sapo(
     args = (*args[:4], "seq-mean-token-mean", *args[5:])
     pg_loss, stats = _fused(*args, loss="sapo", sapo_tau=tau)
     return pg_loss, _metrics(0.0, stats["approx_kl"], 0.0)
+
+
+def compute_policy_loss_geo_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: torch.Tensor | None = None,
+):
+    """verl's ``compute_policy_loss_geo_mean``: GMPO by ``ppo_policy_loss(loss="geo_mean")``.
+
+    Per row i: ρᵢ = exp(mean over its masked tokens of the log-ratio clipped to [−clip_ratio_low,
+    clip_ratio_high] on the side the advantage's sign makes optimistic), Āᵢ the mean advantage,
+    lᵢ = −Āᵢ·ρᵢ times the geometric mean of the row's ``rollout_is_weights``; the loss is the mean
+    of lᵢ over all B rows (``loss_agg_mode`` and ``global_batch_info`` are not used, as in verl).
+
+    Returns:
+        ``(pg_loss, metrics)``: pg_clipfrac / pg_clipfrac_lower the fractions of tokens whose
+        log-ratio lies outside the clip range with A > 0 / A < 0, ppo_kl.
+    """
+    _check_config(config)
+    low, high = _clip_ratios(config)
+    args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+    if not (0 < low < math.inf and 0 < high < math.inf):
+        return _verl_own("compute_policy_loss_geo_mean")(*args)
+    weights = None
+    if rollout_is_weights is not None:  # one weight per row: the geometric mean of its tokens'
+        mask = response_mask.to(torch.float32)
+        log_w = torch.where(mask != 0, torch.log(rollout_is_weights + 1e-10) * mask, 0.0)
+        weights = torch.exp(log_w.sum(-1, keepdim=True) / (mask.sum(-1, keepdim=True) + 1e-8))
+        weights = weights.expand_as(advantages)
+    loss, stats = fastppo.ppo_policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, agg="seq-mean-token-mean", weights=weights,
+        loss="geo_mean", clip_low=low, clip_high=high,
+    )  # fmt: skip
+    rows = torch.atleast_2d(response_mask).shape[0]
+    # verl divides by the integer token count + 1e-8: fp32 at least.
+    dtype = torch.promote_types(
+        _float_dtype(old_log_prob, log_prob, advantages, rollout_is_weights), torch.float32
+    )
+    pg_loss = (loss * _rows(response_mask) / max(rows, 1)).to(dtype)  # verl: the mean over all rows
+    return pg_loss, _metrics(stats["clipfrac"], stats["approx_kl"], stats["clipfrac_lower"])

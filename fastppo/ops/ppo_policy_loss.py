@@ -75,6 +75,8 @@ def _check_options(loss, ratio_level, clip_low, clip_high, dual_clip, sapo_tau, 
             raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
         if loss != "clip":
             raise ValueError(f"dual_clip applies to loss='clip' only, got loss={loss!r}")
+    if loss == "geo_mean" and ratio_level != "token":
+        raise ValueError("loss='geo_mean' has its own sequence ratio: leave ratio_level='token'")
     if not (isinstance(sapo_tau, (tuple, list)) and len(sapo_tau) == 2):
         raise ValueError(f"sapo_tau must be a pair (tau_pos, tau_neg), got {sapo_tau!r}")
     sapo_tau = (check_positive("sapo_tau[0]", sapo_tau[0]), check_positive("sapo_tau[1]", sapo_tau[1]))
@@ -143,6 +145,8 @@ def ppo_policy_loss(
       ``dual_clip`` c > 1, ``l = min(l, −A·c)`` where A < 0 (PPO; GSPO with the sequence ratio).
     - ``loss="cispo"``: ``l = −sg[clip(r, 1 − clip_low, 1 + clip_high)]·A·logp``.
     - ``loss="sapo"``: ``l = −A·σ(τ·(r − 1))·4/τ``, τ = ``sapo_tau[0]`` where A > 0, else ``[1]``.
+    - ``loss="geo_mean"`` (GMPO): each token carries its sequence's ``−Ā·exp(mean of the log-ratio
+      clipped to [−clip_low, clip_high] on the side the advantage's sign makes optimistic)``.
 
     ``ratio_level="token"``: r = exp(clamp(logp − old_logp, ±20)); ``"sequence"``: GSPO's sequence
     ratio exp(min(mean over the row's masked tokens of (logp − old_logp), 10)) with the per-token

@@ -17,6 +17,14 @@ per-token policy loss (``loss``)
     cispo    l = −sg[clip(r, 1 − clip_low, 1 + clip_high)]·A·logp (arXiv 2506.13585;
              ``clip_low=math.inf`` truncates from above only, as TRL does)
     sapo     l = −A·σ(τ·(r − 1))·4/τ, τ = τ₊ where A > 0 else τ₋ (arXiv 2511.20347, verl, TRL)
+    geo_mean GMPO (arXiv 2507.20673, verl's ``geo_mean``): a sequence loss. Per token the log-ratio
+             clipped on the optimistic side, xₜ = min(lr, clip_high) where A > 0, max(lr, −clip_low)
+             where A < 0, 0 where A = 0 (the bounds are log-space); the sequence ratio
+             ρᵢ = exp(min(Σₜ m·x / max(Σₜ m, 1), 20)) and Āᵢ = Σₜ m·A / max(Σₜ m, 1); every
+             token carries lₜ = −Āᵢ·ρᵢ,ₜ in GMPO-token form, as GSPO-token: value ρᵢ, gradient
+             ∂ρᵢ,ₜ/∂logpₜ = ρᵢ·∂xₜ/∂logpₜ (``ratio_level`` does not apply). With weights
+             constant over each sequence (verl's sequence IS weights) this is GMPO's gradient
+             under any aggregation; verl's mean over sequences is seq-mean-token-mean here.
 
 weights
     l ← l·w with ``weights`` w (constants, e.g. verl's ``rollout_is_weights``), then by the
@@ -34,7 +42,8 @@ Then l += kl_coef·kl_penalty(logp, ref_logp) − entropy_coef·entropy, and the
 ``agg_loss(l, mask, agg)``.
 
 Stats (masked token means unless said): clipfrac (clip: the clipped branch is the larger; cispo:
-the weight was clipped; sapo: 0), clipfrac_lower (the dual clip is active), approx_kl (of −lr),
+the weight was clipped; sapo: 0; geo_mean: lr outside [−clip_low, clip_high] where A > 0, and
+clipfrac_lower where A < 0), clipfrac_lower (the dual clip is active), approx_kl (of −lr),
 ratio_mean, ratio_max (the max), kl and entropy when given; with ``rollout_logp``: is_weight_mean
 (w), is_filtered (truncated or masked), rollout_kl (k1 of the sampler against the trainer,
 mean of rollout_logp − old_logp) and rollout_kl_k3 (mean of exp(d) − d − 1).
@@ -48,7 +57,7 @@ from ._common import _masked, agg_loss, masked_mean
 from .advantages import _padded_view
 from .losses import kl_penalty
 
-POLICY_LOSSES = ("clip", "cispo", "sapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo", "geo_mean")
 RATIO_LEVELS = ("token", "sequence")
 ROLLOUT_LEVELS = ("token", "sequence", "geometric")
 ROLLOUT_MODES = ("truncate", "mask")
@@ -108,6 +117,19 @@ def ratio_of(lp, old, m, ratio_level: str) -> torch.Tensor:
     # (none where the clamp at 10 holds).
     tie = torch.where(seq <= SEQ_LOG_RATIO_MAX, torch.exp(lp - lp.detach()), 1.0)
     return torch.exp(torch.clamp(seq, max=SEQ_LOG_RATIO_MAX)) * tie
+
+
+def geo_mean_terms(lp, old, adv, m, clip_low, clip_high):
+    """GMPO-token's (B, T) per-token loss, ratio, clipped and lower (module docstring)."""
+    lr = lp - old
+    sign = torch.sign(adv)
+    x = sign * torch.minimum(sign * lr, sign * torch.clamp(lr, -clip_low, clip_high))
+    seq = _row_mean(x.detach(), m)
+    # exp(x − sg[x]) is exactly 1 with derivative ∂x/∂logp: value ρᵢ, gradient ρᵢ·∂xₜ/∂logpₜ.
+    tie = torch.where(seq <= LOG_RATIO_BOUND, torch.exp(x - x.detach()), 1.0)
+    ratio = torch.exp(torch.clamp(seq, max=LOG_RATIO_BOUND)) * tie
+    outside = (lr > clip_high) | (lr < -clip_low)
+    return -_row_mean(adv, m) * ratio, ratio, outside & (adv > 0), outside & (adv < 0)
 
 
 def surrogate(lp, ratio, adv, *, loss, clip_low, clip_high, dual_clip, sapo_tau):
@@ -187,9 +209,13 @@ def ppo_policy_loss(
     f32 = lambda x: x.detach().float() if x.dtype != torch.float64 else x.detach()  # noqa: E731
     lp = logp.float() if logp.dtype != torch.float64 else logp
     old, adv, m = f32(old_logp), f32(advantages), mask.detach().to(lp.dtype)
-    ratio = ratio_of(*map(torch.atleast_2d, (lp, old, m)), ratio_level).reshape(lp.shape)
-    clips = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
-    pg, clipped, lower = surrogate(lp, ratio, adv, loss=loss, sapo_tau=sapo_tau, **clips)
+    if loss == "geo_mean":
+        terms = geo_mean_terms(*map(torch.atleast_2d, (lp, old, adv, m)), clip_low, clip_high)
+        pg, ratio, clipped, lower = (t.reshape(lp.shape) for t in terms)
+    else:
+        ratio = ratio_of(*map(torch.atleast_2d, (lp, old, m)), ratio_level).reshape(lp.shape)
+        clips = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+        pg, clipped, lower = surrogate(lp, ratio, adv, loss=loss, sapo_tau=sapo_tau, **clips)
     if weights is not None:
         pg = pg * f32(weights)
     stats = {}

@@ -179,6 +179,9 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
                    "(clip_high bounds the weight at 1 + clip_high)", _family("cispo", "token")),
         PolicyLoss("sapo", "SAPO: a sigmoid gate of the token ratio in place of the clip "
                    "(sapo_tau_pos, sapo_tau_neg)", _family("sapo", "token")),
+        PolicyLoss("geo_mean", "GMPO: each response's geometric-mean ratio (log-ratios clipped to "
+                   "[-clip_low, clip_high] on the optimistic side) times its mean advantage",
+                   _family("geo_mean", "token")),
     )
 }  # fmt: skip
 

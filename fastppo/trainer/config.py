@@ -104,7 +104,7 @@ class PPOConfig:
         default=None,
     )
     policy_loss: str | None = _help(
-        "Policy loss: ppo-clip, gspo, cispo or sapo (fastppo.trainer.algorithms.POLICY_LOSSES; "
+        "Policy loss: ppo-clip, gspo, cispo, sapo or geo_mean (fastppo.trainer.algorithms.POLICY_LOSSES; "
         "default ppo-clip, the gspo and cispo presets their own).",
         default=None,
     )

@@ -6,6 +6,8 @@ same order, Python floats, 1e-5). The inputs hold a full row, rows with holes an
 all-zero row and a single-token row. Shapes are small: on CPU the kernels run in Triton's interpreter.
 """
 
+import math
+
 import pytest
 import torch
 import verl.trainer.ppo.core_algos as core  # the parity extra (README set-up); a missing peer fails
@@ -20,7 +22,7 @@ from fastppo.integrations import verl_policy_losses
 
 from .test_verl import AGG_MODES, B, T, actor_config, assert_close, global_info, make_mask
 
-NAMES = ["vanilla", "gspo", "cispo", "sapo"]
+NAMES = ["vanilla", "gspo", "cispo", "sapo", "geo_mean"]
 #: verl's own functions (the registry before any patch).
 VERL = {name: core.POLICY_LOSS_REGISTRY[name] for name in NAMES}
 assert all(fn.__module__ == core.__name__ for fn in VERL.values())
@@ -115,11 +117,27 @@ def test_huge_ratios_match_verl(name, mode, device):
     mean (no gradient there). ``ppo_kl`` is the unclamped mean, as the adapter documents; verl's
     gspo does not clamp it either, so there it matches verl's own value."""
     inputs = policy_inputs(device, huge=True)
-    check(name, actor_config(), mode, is_weights(device), inputs, kl_unclamped=name != "gspo")
-    if name != "gspo":  # the ±20 clamp makes verl's own ppo_kl differ
+    if name == "geo_mean":  # keep every row's mean log-ratio under the op's bound of 20 (below)
+        inputs[1].data[3, 4] = inputs[0][3, 4] - 30.0
+    clamps_kl = name not in ("gspo", "geo_mean")  # verl's gspo and geo_mean do not clamp ppo_kl
+    check(name, actor_config(), mode, is_weights(device), inputs, kl_unclamped=clamps_kl)
+    if clamps_kl:  # the ±20 clamp makes verl's own ppo_kl differ
         expected = VERL[name](*inputs, mode, actor_config())[1]["actor/ppo_kl"]
         actual = ours(name)(*inputs, mode, actor_config())[1]["actor/ppo_kl"]
         assert actual != pytest.approx(expected, abs=1e-3)
+
+
+def test_geo_mean_bounds_a_sequence_log_ratio_at_20(device):
+    """The adapter's documented difference: a row whose mean clipped log-ratio passes 20 has the
+    ratio e^20 (and no gradient) in fastppo, e^mean in verl."""
+    old, log_prob, advantages, mask = policy_inputs(device)
+    with torch.no_grad():
+        log_prob[3, 4] = old[3, 4] + 30.0  # the one-token row
+        advantages[3, 4] = -1.0  # GMPO clips a negative advantage's log-ratio from below only
+    expected = VERL["geo_mean"](old, log_prob, advantages, mask, "token-mean", actor_config())[0]
+    actual = ours("geo_mean")(old, log_prob, advantages, mask, "token-mean", actor_config())[0]
+    rows = B
+    assert (expected - actual).item() == pytest.approx((math.exp(30) - math.exp(20)) / rows, rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -154,8 +172,9 @@ def test_empty_mask_is_nan_as_in_verl(name, device):
                 config.global_batch_info.update(global_info(torch.ones(B, T), mode))
             expected, expected_metrics = VERL[name](old, log_prob, advantages, mask, mode, config)
             actual, actual_metrics = ours(name)(old, log_prob, advantages, mask, mode, config)
-            assert torch.isnan(actual).item() == torch.isnan(expected).item() == (not use_global)
-            if use_global:
+            nan = not use_global and name != "geo_mean"  # verl's geo_mean is a plain mean over rows
+            assert torch.isnan(actual).item() == torch.isnan(expected).item() == nan
+            if not nan:
                 assert_close(actual, expected)
             assert actual_metrics == pytest.approx(expected_metrics, abs=1e-6)
 
@@ -245,7 +264,7 @@ def test_patch_swaps_the_registry_and_unpatch_restores():
             assert core.get_policy_loss_fn(name) is ours(name)
             assert core.get_policy_loss_fn("fastppo_" + name) is ours(name)
             assert getattr(core, VERL[name].__name__) is ours(name)
-        for name in ("geo_mean", "clip_cov", "kl_cov", "gpg", "dro", "dppo_tv", "dppo_kl"):
+        for name in ("clip_cov", "kl_cov", "gpg", "dro", "dppo_tv", "dppo_kl"):
             assert core.get_policy_loss_fn(name) is before[name]  # left to verl
     finally:
         fastppo_verl.unpatch()
@@ -255,7 +274,7 @@ def test_patch_swaps_the_registry_and_unpatch_restores():
     assert all(functions_after[name] is fn is VERL[name] for name, fn in functions.items())
 
 
-def test_register_adds_the_four_names_only():
+def test_register_adds_its_names_only():
     before, _ = registry_snapshot()
     fastppo_verl.register()
     try:
