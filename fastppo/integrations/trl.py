@@ -1,4 +1,15 @@
-"""fastppo as the log-prob backend of Hugging Face TRL (written against trl 1.16.0).
+"""fastppo as the log-prob and GRPO-loss backend of Hugging Face TRL (written against trl 1.16.0).
+
+``patch()`` replaces:
+
+- the log-prob functions below (computed by ``fastppo.token_logprobs``) and TRL's fused LM head
+  (``ChunkedLogProbFunction``, by ``fastppo.linear_logprobs``), see below;
+- ``GRPOTrainer._compute_loss`` by ``fastppo.integrations.trl_grpo.grpo_compute_loss``: the GRPO
+  family's policy loss (loss types grpo, bnpo, dr_grpo, dapo, cispo, sapo; token and sequence
+  importance sampling; the vLLM importance-sampling ratio; the beta KL term; the static entropy
+  bonus) in one call of ``fastppo.ppo_policy_loss``, with TRL's metrics. What it cannot give
+  exactly (vespo, luspo, delta, the off-policy and entropy masks, ...) runs TRL's own; the list is
+  in that module's docstring.
 
 Drop-in replacements, same signatures and return values, computed by ``fastppo.token_logprobs``:
 
@@ -10,8 +21,10 @@ Drop-in replacements, same signatures and return values, computed by ``fastppo.t
   Triton kernel entry ``trl.kernels.logprob_entropy.selective_log_softmax_and_entropy``.
 
 ``patch()`` installs them in ``trl.trainer.utils`` / ``trl.kernels`` and in every imported ``trl``
-module that bound them by name (the experimental CPO, ORPO, A2PO, TPO, SDFT, SDPO trainers, ...);
-``unpatch()`` restores TRL's; ``with patched(): ...`` does both.
+module that bound them by name (the experimental CPO, ORPO, A2PO, TPO, SDFT, SDPO trainers, ...),
+and sets ``GRPOTrainer._compute_loss`` on the class (subclasses that do not override it inherit
+it); ``unpatch()`` restores TRL's, the class's own entry included; ``with patched(): ...`` does
+both.
 
 What TRL returns depends on where it runs, and the adapter returns the same:
 
@@ -45,10 +58,12 @@ import torch
 
 import fastppo
 from fastppo.integrations._patching import Patcher
+from fastppo.integrations.trl_grpo import grpo_compute_loss
 
 __all__ = [
     "ChunkedLogProbFunction",
     "entropy_from_logits",
+    "grpo_compute_loss",
     "kernel_selective_log_softmax_and_entropy",
     "patch",
     "patched",
@@ -206,6 +221,7 @@ def _targets() -> list[tuple[str, str, object]]:
         ("trl.trainer.utils", "selective_log_softmax", selective_log_softmax),
         ("trl.trainer.utils", "entropy_from_logits", entropy_from_logits),
         ("trl.trainer.utils", "selective_log_softmax_and_entropy", selective_log_softmax_and_entropy),
+        ("trl.trainer.grpo_trainer", "GRPOTrainer._compute_loss", grpo_compute_loss),
     ]
     from transformers.utils import is_triton_available
 
