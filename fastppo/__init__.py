@@ -1,6 +1,6 @@
 """fastppo: fused Triton kernels for RL fine-tuning of language models.
 
-The functional API (see ../shared/DESIGN.md §3) dispatches to Triton kernels on CUDA tensors and
+The functional API (see DESIGN.md §3) dispatches to Triton kernels on CUDA tensors and
 to the PyTorch reference (``fastppo.reference``) elsewhere; ``fastppo env`` tells which runs.
 """
 

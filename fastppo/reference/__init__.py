@@ -2,7 +2,7 @@
 
 Each function here has the same name, arguments and meaning as the public op in ``fastppo``,
 is written for clarity (vectorised, no Python loops over tokens) and is differentiable through
-PyTorch's autograd. Math: ../shared/DESIGN.md §4. One module per family: ``logprobs``,
+PyTorch's autograd. Math: DESIGN.md §4. One module per family: ``logprobs``,
 ``losses`` (KL, value, DPO), ``policy_loss``, ``advantages``, ``packing``.
 """
 
