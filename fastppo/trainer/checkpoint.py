@@ -10,9 +10,17 @@ loads half-written; ``latest_checkpoint`` only ever sees complete ones.
         critic/      the value model (PPO with a critic)
         reward_model/  (reward-model training)
         trainer_state.pt  step, optimizer and scheduler states, KL coefficient, RNG states
+
+``trainer_state.pt`` holds only tensors and plain data (dicts, lists, tuples, numbers, strings,
+bools, None): the RNG states are stored as such (``rng_state``), ``save_checkpoint`` checks that
+the file reads back with ``torch.load(weights_only=True)``, and ``load_trainer_state`` reads it
+only that way, so resuming from a checkpoint someone else made runs no code from it: a file that
+needs anything else (an arbitrary pickle, or numpy arrays as older fastppo versions wrote) is
+refused with a ValueError and not loaded.
 """
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,14 +33,37 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def rng_state() -> dict:
-    numpy_state = np.random.get_state()  # noqa: NPY002 (libraries draw from the global generator)
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    """The global generators' states (python ``random``, numpy, torch CPU and, once initialized,
+    CUDA) as tensors and plain data, which a ``weights_only`` load reads; see ``set_rng_state``."""
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002 (libraries draw from it)
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": str(name),
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initializes CUDA itself
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    """Inverse of ``rng_state``. CUDA states are restored for the devices this machine has."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    key = np.asarray(n["key"], dtype=np.uint32)
+    np.random.set_state((n["bit_generator"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(
@@ -56,6 +87,14 @@ def save_checkpoint(
             model.save_pretrained(tmp / name, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp / name)
     torch.save(trainer_state, tmp / "trainer_state.pt")
+    try:  # a checkpoint that resume would refuse must not become the latest one (mmap: cheap)
+        torch.load(tmp / "trainer_state.pt", weights_only=True, mmap=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"checkpoint-{step} not saved: its trainer state holds objects other than tensors and plain"
+            f" data{_asks_for(err)}, which resuming (a weights_only load) would refuse"
+        ) from None
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step: move the old one aside first, then drop it
         old = output_dir / f"checkpoint-{step}.old"
@@ -106,8 +145,28 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    # Our own file (optimizer states, RNG states and numpy arrays inside): not weights_only.
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    """``checkpoint``'s trainer state, read with ``torch.load(weights_only=True)`` only: a file
+    that holds anything but tensors and plain data is refused (ValueError) without running it."""
+    path = Path(checkpoint) / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:  # raised before anything in the file runs
+        message = (
+            f"{path}: refused to load: it holds objects other than tensors and plain data{_asks_for(err)},"
+            " so it was not loaded (weights_only); was it written by fastppo?"
+        )
+        if "GLOBAL numpy" in str(err):
+            message += (
+                " Trainer states from fastppo versions before safe resume kept numpy arrays and cannot be"
+                " resumed; the model folders beside it still load with transformers."
+            )
+        raise ValueError(message) from None
+
+
+def _asks_for(err: pickle.UnpicklingError) -> str:
+    """The global that torch's weights_only unpickler refused, as " (it asks for NAME)"."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f" (it asks for {found.group(1)})" if found else ""
 
 
 def _fsync_tree(path: Path) -> None:
