@@ -19,7 +19,14 @@ ext_modules = [
 ]
 
 setup(
-    packages=["fastppo", "fastppo.ops", "fastppo.reference", "fastppo.trainer", "fastppo.integrations", "fastppo.kernels"],
+    packages=[
+        "fastppo",
+        "fastppo.ops",
+        "fastppo.reference",
+        "fastppo.trainer",
+        "fastppo.integrations",
+        "fastppo.kernels",
+    ],
     package_dir={"fastppo": "fastppo", "fastppo.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -92,14 +92,77 @@ def _group_flags(parser) -> None:
             groups[section_of[action.dest]]._group_actions.append(action)
 
 
-def parse_train_config(name: str, argv: list[str]):
-    """The config of ``name`` from an optional JSON/YAML file and command-line flags (flags win)."""
+def _read_config_file(path: str) -> dict:
+    """The fields of a JSON or YAML config file; a missing or broken file is a ``UsageError``."""
     import json
 
     import yaml
+
+    from fastppo.trainer.errors import UsageError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)}{where})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: a mapping of field: value expected, got {type(values).__name__}")
+    return values
+
+
+def _check_file_values(path: str, values: dict, actions: dict) -> None:
+    """Each value of a config file converts as its flag's would (argparse would blame the flag)."""
+    from fastppo.trainer.errors import UsageError
+
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise UsageError(f"{path}: unknown config fields {unknown}{_did_you_mean(unknown[0], actions)}")
+    for key, value in values.items():
+        convert = actions[key].type
+        if value is None or convert is None:
+            continue
+        try:
+            converted = convert(value) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            converted = None
+        numeric = (
+            convert in (int, float)
+            and isinstance(converted, (int, float))
+            and not isinstance(converted, bool)
+        )
+        ok = (
+            numeric and (convert is float or float(converted).is_integer())
+            if convert in (int, float)
+            else converted is not None and (isinstance(value, str) or convert is not str)
+        )
+        if not ok:
+            kind = getattr(convert, "__name__", "value")
+            raise UsageError(f"{path}: {key}: {value!r} is not a valid {kind}")
+
+
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+
+    dashes = "--" if name.startswith("--") else ""
+    close = difflib.get_close_matches(name.lstrip("-"), [k.lstrip("-") for k in known], n=1)
+    return f" (did you mean {dashes}{close[0]}?)" if close else ""
+
+
+def parse_train_config(name: str, argv: list[str]):
+    """The config of ``name`` from an optional JSON/YAML file and command-line flags (flags win).
+    A mistake in either is a ``UsageError`` naming the file, field or flag."""
     from transformers import HfArgumentParser
 
     from fastppo.trainer import config
+    from fastppo.trainer.errors import UsageError
 
     classes = {"dpo": config.DPOConfig, "rm": config.RMConfig, "sft": config.SFTConfig}
     dataclass_type = classes.get(name, config.PPOConfig)
@@ -110,31 +173,34 @@ def parse_train_config(name: str, argv: list[str]):
         _group_flags(parser)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         path, argv = argv[0], argv[1:]
-        with open(path) as f:
-            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-        fields = {a.dest for a in parser._actions}
-        unknown = sorted(set(values or {}) - fields)
-        if unknown:
-            raise SystemExit(f"{path}: unknown config fields {unknown}")
-        parser.set_defaults(**(values or {}))
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+        values = _read_config_file(path)
+        _check_file_values(path, values, {a.dest: a for a in parser._actions if a.dest != "help"})
+        parser.set_defaults(**values)
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flags = [a for a in parser._option_string_actions if a.startswith("--")]
+        raise UsageError(f"unknown flag {unknown[0]}{_did_you_mean(unknown[0], flags)}; see --help")
     return cfg
 
 
+def _resume_hint(algo: str, argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same one with --resume."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite", "--debug")]
+    return " ".join(["fastppo", "train", algo, *kept, "--resume", "true"])
+
+
 def train_command(algo: str, argv: list[str]) -> int:
+    from fastppo.trainer.errors import Interrupted
+
+    cfg = parse_train_config(algo, argv)
     try:
-        cfg = parse_train_config(algo, argv)
-    except ValueError as exc:  # a bad value, named by the config's checks
-        print(f"fastppo train {algo}: {exc}", file=sys.stderr)
-        return 2
+        history = _run_training(algo, cfg)
+    except Interrupted as stop:
+        if _is_main_process():
+            print(f"interrupted by {stop.signal_name}: saved {stop.checkpoint}; resume with\n"
+                  f"  {_resume_hint(algo, argv)}", file=sys.stderr)  # fmt: skip
+        return 128 + stop.signal_number
     if algo not in OFFLINE:
-        import torch.distributed as dist
-
-        from fastppo.trainer.ppo import train
-
-        history = train(cfg)
-        if dist.is_initialized():  # launched by torchrun
-            dist.destroy_process_group()
         if history:
             first, last = history[0]["reward"], history[-1]["reward"]
             print(
@@ -142,10 +208,6 @@ def train_command(algo: str, argv: list[str]) -> int:
                 f"saved in {cfg.output_dir}"
             )
         return 0
-    from fastppo.trainer import offline
-
-    run = {"dpo": offline.train_dpo, "rm": offline.train_reward_model, "sft": offline.train_sft}[algo]
-    history = run(cfg)
     evals = [r for r in history if any(k.startswith("eval_") for k in r)]
     summary = (
         ", ".join(f"{k} {v:.3f}" for k, v in evals[-1].items() if k.startswith("eval_")) if evals else ""
@@ -154,23 +216,71 @@ def train_command(algo: str, argv: list[str]) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def _run_training(algo: str, cfg) -> list[dict]:
+    if algo not in OFFLINE:
+        import torch.distributed as dist
+
+        from fastppo.trainer.ppo import train
+
+        try:
+            return train(cfg)
+        finally:
+            if dist.is_initialized():  # launched by torchrun
+                dist.destroy_process_group()
+    from fastppo.trainer import offline
+
+    run = {"dpo": offline.train_dpo, "rm": offline.train_reward_model, "sft": offline.train_sft}[algo]
+    return run(cfg)
+
+
 def eval_command(argv: list[str]) -> int:
+    """``fastppo eval``: the table, then the JSON (also written to ``--output``) on stdout. A bad
+    argument is a ``UsageError`` naming it (``main`` prints one line, exit code 2)."""
     import json
 
     from transformers import HfArgumentParser
 
-    from fastppo.trainer.evaluate import EvalConfig, evaluate
+    from fastppo.trainer.errors import UsageError
+    from fastppo.trainer.evaluate import EvalConfig, evaluate, format_table
 
-    try:
-        (cfg,) = HfArgumentParser(EvalConfig, prog="fastppo eval").parse_args_into_dataclasses(args=argv)
-    except ValueError as exc:
-        print(f"fastppo eval: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(evaluate(cfg), indent=1))
+    parser = HfArgumentParser(EvalConfig, prog="fastppo eval")
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        flags = [a for a in parser._option_string_actions if a.startswith("--")]
+        raise UsageError(f"unknown flag {unknown[0]}{_did_you_mean(unknown[0], flags)}; see --help")
+    result = evaluate(cfg, log=print)
+    print(f"A: {cfg.policy}" + (f"\nB: {cfg.baseline}" if cfg.baseline else ""))
+    both = " for both" if cfg.baseline else ""
+    print(f"reference: {cfg.reference or 'none (no KL)'}; sampling seed {cfg.seed}{both}\n")
+    print(format_table(result) + "\n")
+    print(json.dumps(result, indent=1))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a ``fastppo`` command. A user mistake (a ``UsageError``: a bad flag, file, row or field
+    value) prints one line naming it and returns 2; ``--debug`` anywhere in the arguments shows the
+    traceback instead."""
+    from fastppo.trainer.errors import UsageError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except UsageError as exc:
+        if debug:
+            raise
+        command = " ".join(["fastppo", *argv[:2]]) if argv[:1] == ["train"] else f"fastppo {argv[0]}"
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fastppo", description="fastppo: fused RL fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, devices, the active backend and the extension's status")

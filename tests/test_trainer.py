@@ -3,10 +3,9 @@ learning, checkpoints, resume, robustness and the `fastppo train` command."""
 
 import json
 import math
-import os
-import subprocess
 import sys
 
+import processes
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -112,7 +111,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
         (dict(gamma=1.5), "gamma must lie in"),
         (dict(algo="a2c"), "algo must be one of"),
         (dict(algo="grpo", group_size=1), "needs group_size >= 2"),
-        (dict(policy="/no/such/model"), "policy: no such file"),
+        (dict(policy="/no/such/model"), "policy: no such folder"),
         (dict(prompts="/no/such.jsonl"), "prompts: no such file"),
         (dict(dual_clip=0.5), "dual_clip must be > 1"),
     ],
@@ -133,8 +132,7 @@ def test_prompts_file(tmp_path):
 
 
 def fastppo_cli(*args, cwd):
-    cmd = [sys.executable, "-m", "fastppo.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    return processes.run([*processes.CLI, *args], cwd, timeout=600)
 
 
 def test_cli_config_file_overrides_and_errors(tmp_path):
@@ -263,8 +261,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "3", "--batch_size", "16"]
     cmd = [*launch, *run, "--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    proc = processes.run(cmd, tmp_path, timeout=180)  # ~20 s; the whole process group dies on timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "rank 0: 2 ranks in sync" in output and "rank 1: 2 ranks in sync" in output
@@ -316,11 +313,8 @@ def test_fsdp_two_processes_learn_and_resume(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--fsdp", "true", "--output_dir", "o"]
     opts = ["--batch_size", "64", "--minibatch_size", "32", "--max_tokens_per_microbatch", "200"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     for extra in (["--iterations", "15"], ["--iterations", "30", "--resume", "true"]):
-        proc = subprocess.run(
-            [*launch, *run, *opts, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
-        )
+        proc = processes.run([*launch, *run, *opts, *extra], tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -378,10 +372,7 @@ def test_two_processes_with_uneven_updates(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "4", "--batch_size", "16"]
     opts = ["--minibatch_size", "2", "--max_new_tokens", "3", "--drop_truncated", "true", "--output_dir", "o"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [*launch, *run, *opts], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
-    )
+    proc = processes.run([*launch, *run, *opts], tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1: 2 ranks in sync" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]

@@ -9,33 +9,64 @@ labels.
 import json
 import random
 import string
+from pathlib import Path
 
 import torch
 
 from fastppo import packing
 from fastppo.trainer import tiny
+from fastppo.trainer.errors import UsageError
+
+
+def _jsonl_rows(path: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; a line that is not JSON is an error
+    naming the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UsageError(
+                    f"{path}: row {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+                ) from None
+    return rows
+
+
+def _parquet_rows(path: str) -> list[tuple[int, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise UsageError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+    try:
+        return list(enumerate(pq.read_table(path).to_pylist(), 1))
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid and OSError kinds
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
 def read_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a JSONL file (one JSON object per line) or a Parquet file (needs pyarrow), keeping
-    ``fields``; a row without one of them, or with a non-text value, is an error naming it."""
-    if str(path).endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
-        raw = pq.read_table(path).to_pylist()
-    else:
-        with open(path) as f:
-            raw = [json.loads(line) for line in f if line.strip()]
+    ``fields``. A missing file, a line that is not JSON, a row without one of ``fields`` or with a
+    non-text value is a ``UsageError`` naming the file and the row (its line, for JSONL)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    parquet = str(path).endswith(".parquet")
+    try:
+        raw = _parquet_rows(path) if parquet else _jsonl_rows(path)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a UTF-8 text file (JSONL), nor named .parquet") from None
     rows = []
-    for number, row in enumerate(raw, 1):
+    for number, row in raw:
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: row {number}: a JSON object with {list(fields)} expected")
         missing = [k for k in fields if not isinstance(row.get(k), str)]
         if missing:
-            raise ValueError(f"{path}: row {number}: missing or non-text fields {missing}")
+            raise UsageError(f"{path}: row {number}: missing or non-text fields {missing}")
         rows.append({k: row[k] for k in fields})
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise UsageError(f"{path}: no rows")
     return rows
 
 

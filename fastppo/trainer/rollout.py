@@ -37,6 +37,7 @@ import fastppo
 from fastppo import packing
 from fastppo.trainer import runtime, tiny
 from fastppo.trainer.data import apply_template
+from fastppo.trainer.errors import UsageError
 
 # --------------------------------------------------------------------------------------------
 # One batch laid out once for every model pass.
@@ -157,9 +158,12 @@ class ResponseHead(torch.nn.Module):
 
 def head_runs_last(model: torch.nn.Module) -> bool:
     """Whether ``model``'s forward takes ``logits_to_keep`` and ends with its lm_head (no logit
-    softcap after it, as Gemma 2 has): then ResponseHead can stand in for the lm_head."""
+    softcap after it, as Gemma 2 has): then ResponseHead can stand in for the lm_head. A peft
+    model (or the reference standing for its base, ``lora.AdapterDisabled``) passes its keyword
+    arguments through to its transformers model: that model's forward decides."""
     config = model.config
-    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    takes_keep = "logits_to_keep" in inspect.signature(forward).parameters
     return takes_keep and getattr(config, "final_logit_softcapping", None) is None
 
 
@@ -311,10 +315,10 @@ def generate(
 
 def load_reward(spec: str, tokenizer):
     """A function (prompts, responses) -> list of float scores: "echo" (the built-in task),
-    "module:function", or the folder of a sequence-classification reward model."""
+    "module:function", or a sequence-classification reward model (a folder or a Hugging Face id)."""
     if spec == "echo":
         return tiny.echo_reward
-    if Path(spec).exists():
+    if Path(spec).exists() or ":" not in spec:
         model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1).eval()
 
         @torch.no_grad()
@@ -326,9 +330,15 @@ def load_reward(spec: str, tokenizer):
 
         return model_reward
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"reward must be 'echo', a model path or 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise UsageError(f"reward: cannot import module {module!r} ({exc})") from None
+    except AttributeError:
+        raise UsageError(f"reward: module {module!r} has no {name!r}") from None
+    if not callable(fn):
+        raise UsageError(f"reward: {spec} is not a function")
+    return fn
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ import contextlib
 import importlib.util
 import os
 import random
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from fastppo.trainer.errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,9 +27,12 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device: {name!r} is not a device ('auto', 'cpu', 'cuda' or 'cuda:I')") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name} was asked for but CUDA is not available")
+        raise UsageError(f"device: {name} was asked for but CUDA is not available")
     return device
 
 
@@ -237,3 +244,43 @@ class NonFiniteSteps:
         if self.in_a_row >= self.limit:
             raise RuntimeError(f"{self.in_a_row} non-finite steps in a row: stopping")
         return False
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the run to stop at the end of the current step instead of killing it
+    mid-update: a signal sets a flag, and ``requested`` tells every rank the same answer. A single
+    process (``repeat_stops``) lets a second signal stop it at once, as Ctrl-C usually does; under
+    torchrun the agent forwards the terminal's signal again, so every one is caught (the agent
+    kills the workers after its own timeout). Handlers live in the main thread and are put back
+    on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log=print, *, repeat_stops: bool = True):
+        self.log, self.repeat_stops, self.received, self._previous = log, repeat_stops, 0, {}
+
+    def _handle(self, signum, frame) -> None:
+        first = not self.received
+        self.received = signum
+        if self.repeat_stops:  # the next one is not caught
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if first:
+            again = " (again to stop at once)" if self.repeat_stops else ""
+            self.log(f"{signal.Signals(signum).name}: stopping after this step{again}")
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, device: torch.device, distributed: "Distributed") -> int:
+        """The signal number if any rank received one (0 if none): a collective under torchrun."""
+        if not distributed.enabled:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)

@@ -1,0 +1,19 @@
+"""Mistakes in what a user gave (a flag, a file, a row of a file), told apart from bugs.
+
+A ``UsageError`` message names the argument, the file and the row at fault; the ``fastppo``
+command prints it on one line and exits with status 2 (``--debug`` shows the traceback instead).
+It is a ``ValueError``, so library callers that catch those keep working.
+"""
+
+
+class UsageError(ValueError):
+    """A user mistake: the message alone says what is wrong and where."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint at ``step``."""
+
+    def __init__(self, signal_name: str, signal_number: int, step: int, checkpoint: str):
+        super().__init__(f"{signal_name} at step {step}: saved {checkpoint}")
+        self.signal_name, self.signal_number = signal_name, signal_number
+        self.step, self.checkpoint = step, checkpoint

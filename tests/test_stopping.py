@@ -1,0 +1,72 @@
+"""Stopping a run with a real signal (SIGINT, as Ctrl-C sends, and SIGTERM, as schedulers send):
+the current iteration finishes, a checkpoint is saved (all ranks together under torchrun), the plot
+is written, the command to resume is printed and the exit status is 128 + the signal; resuming
+with that command goes on from the checkpoint."""
+
+import json
+import re
+import shlex
+import signal
+
+import pytest
+from processes import CLI, TORCHRUN, Group, run, wait_for_lines
+
+SMALL = ["--batch_size", "16", "--minibatch_size", "8", "--max_tokens_per_microbatch", "256"]
+STOPPED = re.compile(r"interrupted by (SIG\w+): saved (\S+); resume with\n  (.+)")
+
+
+def iterations(path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+
+
+def check_stopped(proc, out, signum, *, torchrun=False):
+    """The checkpoint, metrics and plot of a stopped run; returns (its step, the resume command).
+    No traceback, but torchrun's own (its agent reports the signal it received by raising)."""
+    found = STOPPED.search(proc.stderr)
+    assert found, proc.stderr[-2000:]
+    assert found.group(1) == signal.Signals(signum).name
+    assert proc.stderr.count("Traceback") == (1 if torchrun else 0), proc.stderr[-3000:]
+    if torchrun:
+        assert proc.stderr.rstrip().endswith("got signal: 2")  # SignalException, the last line
+    step = int(found.group(2).rsplit("-", 1)[1])
+    assert iterations(out / "metrics.jsonl") == list(range(1, step + 1)) and step >= 2
+    assert (out / f"checkpoint-{step}" / "policy" / "model.safetensors").exists()
+    assert (out / f"checkpoint-{step}" / "trainer_state.pt").exists()
+    assert (out / "metrics.png").exists()
+    return step, found.group(3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_one_process_cleanly_and_it_resumes(signum, tmp_path):
+    cmd = [*CLI, "train", "grpo", "--iterations", "400", *SMALL, "--output_dir", "run"]
+    group = Group(cmd, tmp_path)
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 2, group)
+    group.proc.send_signal(signum)
+    proc = group.wait(timeout=300)
+    assert proc.returncode == 128 + signum
+    step, resume = check_stopped(proc, tmp_path / "run", signum)
+    if signum != signal.SIGINT:
+        return
+    # The printed command, asked for one more iteration, goes on from the checkpoint.
+    args = shlex.split(resume)
+    assert args[:3] == ["fastppo", "train", "grpo"] and args[-2:] == ["--resume", "true"]
+    args[args.index("--iterations") + 1] = str(step + 1)
+    resumed = run([*CLI, *args[1:]], tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from run/checkpoint-{step}" in resumed.stdout + resumed.stderr
+    assert iterations(tmp_path / "run" / "metrics.jsonl") == list(range(1, step + 2))
+
+
+def test_ctrl_c_stops_two_processes_together(tmp_path):
+    """Ctrl-C signals the terminal's whole process group: torchrun and both workers (torchrun then
+    forwards it again). Both ranks stop after the same iteration, save one checkpoint together and
+    check that their weights agree; no process outlives the run."""
+    cmd = [*TORCHRUN, *CLI[1:], "train", "ppo", "--device", "cpu", "--iterations", "400", *SMALL]
+    group = Group([*cmd, "--output_dir", "run"], tmp_path)
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 2, group)
+    group.signal_group(signal.SIGINT)
+    proc = group.wait(timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "rank 0: 2 ranks in sync" in output and "rank 1: 2 ranks in sync" in output
+    check_stopped(proc, tmp_path / "run", signal.SIGINT, torchrun=True)
