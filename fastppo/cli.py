@@ -156,6 +156,23 @@ def _did_you_mean(name: str, known) -> str:
     return f" (did you mean {dashes}{close[0]}?)" if close else ""
 
 
+#: One vocabulary across the loops: every loop takes ``--model`` (the model it trains) and ``--data``
+#: (the file it trains on); PPO's fields are named ``policy`` and ``prompts``, the offline loops'
+#: ``model`` and ``data``, and each name works in both places (flags and config files).
+_ALIASES = {"ppo": {"model": "policy", "data": "prompts"}, "offline": {"policy": "model", "prompts": "data"}}
+
+
+def _canonical(argv: list[str], values: dict, aliases: dict) -> tuple[list[str], dict]:
+    """``argv`` and config-file ``values`` with the other loops' names turned into this loop's."""
+    flags = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and name[2:] in aliases:
+            arg = f"--{aliases[name[2:]]}{eq}{value}"
+        flags.append(arg)
+    return flags, {aliases.get(key, key): value for key, value in values.items()}
+
+
 def parse_train_config(name: str, argv: list[str]):
     """The config of ``name`` from an optional JSON/YAML file and command-line flags (flags win).
     A mistake in either is a ``UsageError`` naming the file, field or flag."""
@@ -171,9 +188,10 @@ def parse_train_config(name: str, argv: list[str]):
     if name not in OFFLINE:
         parser.set_defaults(algo=name)
         _group_flags(parser)
-    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
-        path, argv = argv[0], argv[1:]
-        values = _read_config_file(path)
+    aliases = _ALIASES["offline" if name in OFFLINE else "ppo"]
+    path = argv[0] if argv and argv[0].endswith((".json", ".yaml", ".yml")) else None
+    argv, values = _canonical(argv[1:] if path else argv, _read_config_file(path) if path else {}, aliases)
+    if path:
         _check_file_values(path, values, {a.dest: a for a in parser._actions if a.dest != "help"})
         parser.set_defaults(**values)
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

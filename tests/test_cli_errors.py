@@ -110,3 +110,20 @@ def test_model_ids_come_from_the_hub_cache_offline(tmp_path):
         f"Hugging Face cache ({tmp_path / 'cache'}); offline (HF_HUB_OFFLINE=1), so download it first "
         "(`hf download fastppo-test/absent`) or pass a folder"
     )
+
+
+def test_one_vocabulary_of_flags_across_the_loops(tmp_path):
+    """``--model`` and ``--data`` in every loop; PPO's ``--policy``/``--prompts`` work offline too."""
+    tokenizer = tiny.build_tokenizer()
+    tiny.build_policy(tokenizer, seed=0).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "ab:", "response": "ab"}\n')
+    m, d = str(tmp_path / "m"), str(data)
+    ppo = cli.parse_train_config("grpo", ["--model", m, "--data", d])
+    assert (ppo.policy, ppo.prompts) == (m, d)
+    sft = cli.parse_train_config("sft", ["--policy", m, "--prompts", d])
+    assert (sft.model, sft.data) == (m, d)
+    (tmp_path / "run.yaml").write_text(f"model: {m}\ndata: {d}\n")
+    ppo = cli.parse_train_config("ppo", [str(tmp_path / "run.yaml"), "--model=" + m])
+    assert (ppo.policy, ppo.prompts) == (m, d)
