@@ -178,7 +178,7 @@ def test_presets_fill_what_is_unset():
     assert rc == fastppo.RolloutCorrection("sequence", "mask", 2.0, 0.5)
     with pytest.raises(ValueError, match="rollout_is must be one of"):
         PPOConfig(rollout_is="seq")
-    with pytest.raises(ValueError, match="rollout_correction.low"):
+    with pytest.raises(ValueError, match="rollout_is_low must be None or in"):
         PPOConfig(rollout_is="token", rollout_is_low=3.0)
     with pytest.raises(ValueError, match="policy_loss must be one of"):
         PPOConfig(policy_loss="vanilla")

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastppo.reference import RolloutCorrection
+from fastppo.trainer import lora
+from fastppo.trainer.errors import UsageError
+from fastppo.trainer.hub import check_model
+from fastppo.trainer.metrics import reporters
 
 #: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
 SECTIONS = {
-    "model": "policy critic attention padding_free fused_lm_head".split(),
+    "model": ("policy critic attention padding_free fused_lm_head gradient_checkpointing lora_r lora_alpha "
+              "lora_dropout lora_target_modules").split(),
     "data": "prompts reward".split(),
     "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
                 "dynamic_sampling").split(),
@@ -23,9 +28,20 @@ SECTIONS = {
     "rollout correction": "rollout_is rollout_is_mode rollout_is_high rollout_is_low".split(),
     "optimisation": ("iterations minibatch_size max_tokens_per_microbatch lr critic_lr lr_scheduler "
                      "warmup_steps max_grad_norm max_nonfinite_steps seed").split(),
-    "logging": "output_dir resume overwrite save_every save_total_limit".split(),
+    "logging": "output_dir resume overwrite save_every save_total_limit report_to".split(),
     "distributed": "device fsdp".split(),
 }  # fmt: skip
+
+
+def _check_sources(*, models: tuple[str, ...], files: tuple[str, ...], config) -> None:
+    """Model fields: a folder or a Hugging Face model id; file fields: an existing file."""
+    for name in models:
+        if getattr(config, name) is not None:
+            check_model(getattr(config, name), name)
+    for name in files:
+        path = getattr(config, name)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{name}: no such file: {path}")
 
 
 def _help(text: str, **kwargs):
@@ -64,6 +80,27 @@ class PPOConfig:
         "Log-probs straight from hidden states and the lm_head weight (fastppo.linear_logprobs: the "
         "logits never exist beyond a chunk of rows); false: lm_head, then token_logprobs on its logits.",
         default=True,
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute the policy's and critic's layer activations in the backward pass instead of keeping "
+        "them (transformers' gradient checkpointing, non-reentrant): less memory, the same gradients.",
+        default=False,
+    )
+    lora_r: int = _help(
+        "Rank of a LoRA adapter (peft) on the policy, whose base weights stay frozen; the reference is "
+        "then the policy with its adapter disabled (no second copy of the weights), and checkpoints "
+        "save the adapter. 0: full fine-tuning. The critic is trained in full either way.",
+        default=0,
+    )
+    lora_alpha: float = _help("LoRA scaling: the adapter's output is multiplied by alpha / r.", default=32)
+    lora_dropout: float = _help(
+        "LoRA dropout; must stay 0 here (dropout is off in PPO's models: a batch's first ratio is 1).",
+        default=0.0,
+    )
+    lora_target_modules: str = _help(
+        "Modules that get an adapter: 'all-linear' (every linear layer but the lm_head) or comma-separated "
+        "names (e.g. 'q_proj,k_proj,v_proj,o_proj').",
+        default="all-linear",
     )
 
     # Data.
@@ -180,6 +217,11 @@ class PPOConfig:
     )
     save_every: int = _help("Checkpoint every N iterations (0: only at the end).", default=0)
     save_total_limit: int = _help("Keep only the newest N checkpoints (0: keep all).", default=0)
+    report_to: str | None = _help(
+        "Where metrics go besides metrics.jsonl: comma-separated 'tensorboard', 'wandb' (needs wandb; "
+        "WANDB_MODE=offline works), or 'none'. Default: tensorboard when installed.",
+        default=None,
+    )
 
     # Devices and processes.
     device: str = _help(
@@ -212,7 +254,7 @@ class PPOConfig:
         _one_of("kl_in", self.kl_in, ("reward", "loss"))
         estimator = ADVANTAGES[self.advantage]
         if self.kl_in == "reward" and not estimator.token_rewards and self.kl_coef > 0:
-            raise ValueError(
+            raise UsageError(
                 f"kl_in: advantage {self.advantage} scores whole responses; put the KL in the loss"
             )
         positive = (
@@ -223,34 +265,47 @@ class PPOConfig:
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise UsageError(f"{name} must be > 0, got {value}")
         for name in ("gamma", "lam", "top_p"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise UsageError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.clip_high is not None and self.clip_high <= 0:
-            raise ValueError(f"clip_high must be > 0, got {self.clip_high}")
+            raise UsageError(f"clip_high must be > 0, got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+            raise UsageError(f"dual_clip must be > 1, got {self.dual_clip}")
         if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
-            raise ValueError(
+            raise UsageError(
                 f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}"
             )
         _one_of("rollout_is", self.rollout_is, ("off", "token", "sequence", "geometric"))
-        self.rollout_correction()  # its bounds are checked there
+        try:
+            self.rollout_correction()  # its bounds are checked there
+        except ValueError as exc:  # named by the flags, not by RolloutCorrection's fields
+            message = str(exc)
+            for field_name, flag in (("level", "rollout_is"), ("mode", "rollout_is_mode"),
+                                     ("high", "rollout_is_high"), ("low", "rollout_is_low")):  # fmt: skip
+                message = message.replace(f"rollout_correction.{field_name}", flag)
+            raise UsageError(message) from None
         if self.kl_coef < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.save_total_limit < 0:
-            raise ValueError("kl_coef, warmup_steps, save_every and save_total_limit must be >= 0")
+            raise UsageError("kl_coef, warmup_steps, save_every and save_total_limit must be >= 0")
         if self.resume and self.overwrite:
-            raise ValueError(
+            raise UsageError(
                 "resume and overwrite: choose one (continue the run in output_dir, or start over)"
             )
         if (estimator.needs_groups or self.dynamic_sampling) and self.group_size < 2:
-            raise ValueError(
+            raise UsageError(
                 f"{self.advantage} needs group_size >= 2 (responses per prompt), got {self.group_size}"
             )
-        for name in ("policy", "critic", "prompts"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).exists():
-                raise ValueError(f"{name}: no such file or folder: {path}")
+        lora.check_options(self)
+        if self.lora_r > 0 and self.lora_dropout > 0:
+            raise UsageError("lora_dropout must be 0 in PPO (dropout is off in its models), got "
+                             f"{self.lora_dropout}")  # fmt: skip
+        if self.lora_r > 0 and self.fsdp:
+            raise UsageError("lora_r with fsdp: not supported yet; use DDP (leave fsdp off) or lora_r 0")
+        reporters(self.report_to)  # a bad entry, or wandb asked for but not installed, fails here
+        _check_sources(models=("policy", "critic"), files=("prompts",), config=self)
+        if self.reward != "echo" and ":" not in self.reward:
+            check_model(self.reward, "reward")
 
     def rollout_correction(self) -> RolloutCorrection | None:
         """The ``fastppo.RolloutCorrection`` of the rollout_is options, or None when off."""
@@ -263,7 +318,7 @@ class PPOConfig:
 
 def _one_of(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -305,18 +360,40 @@ class OfflineConfig:
         "false: lm_head, then token_logprobs.",
         default=True,
     )
+    gradient_checkpointing: bool = _help(
+        "Recompute the model's layer activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing, non-reentrant): less memory, the same gradients.",
+        default=False,
+    )
+    lora_r: int = _help(
+        "Rank of a LoRA adapter (peft) on the model, whose base weights stay frozen (DPO: the reference is "
+        "the model with its adapter disabled, not a copy); checkpoints save the adapter. 0: full "
+        "fine-tuning. The reward model's score head is trained in full beside its adapter.",
+        default=0,
+    )
+    lora_alpha: float = _help("LoRA scaling: the adapter's output is multiplied by alpha / r.", default=32)
+    lora_dropout: float = _help("Dropout on the LoRA adapter's input.", default=0.0)
+    lora_target_modules: str = _help(
+        "Modules that get an adapter: 'all-linear' (every linear layer but the output head) or "
+        "comma-separated names (e.g. 'q_proj,k_proj,v_proj,o_proj').",
+        default="all-linear",
+    )
+    report_to: str | None = _help(
+        "Where metrics go besides metrics.jsonl: comma-separated 'tensorboard', 'wandb' (needs wandb; "
+        "WANDB_MODE=offline works), or 'none'. Default: tensorboard when installed.",
+        default=None,
+    )
 
     def __post_init__(self):
         for name in ("epochs", "n_synthetic", "batch_size", "lr", "max_grad_norm", "max_nonfinite_steps"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise UsageError(f"{name} must be > 0, got {value}")
         if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
-        for name in ("model", "data"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).exists():
-                raise ValueError(f"{name}: no such file or folder: {path}")
+            raise UsageError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        lora.check_options(self)
+        reporters(self.report_to)
+        _check_sources(models=("model",), files=("data",), config=self)
 
 
 @dataclass
@@ -345,6 +422,6 @@ class DPOConfig(OfflineConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+            raise UsageError(f"beta must be > 0, got {self.beta}")
         if self.loss_type not in ("sigmoid", "ipo", "hinge"):
-            raise ValueError(f"loss_type must be sigmoid, ipo or hinge, got {self.loss_type!r}")
+            raise UsageError(f"loss_type must be sigmoid, ipo or hinge, got {self.loss_type!r}")

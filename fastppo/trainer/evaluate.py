@@ -1,17 +1,32 @@
-"""``fastppo eval``: a policy on held-out prompts. Mean reward, KL to the reference, response
-length, and diversity: distinct-1/2 (distinct n-grams over all n-grams of all responses) and the
-repeated n-gram rate (the fraction of a response's 3-grams that already occurred in it).
+"""``fastppo eval``: a policy on held-out prompts, alone or beside a baseline (typically its starting
+point): mean reward, KL to the reference, response length, and diversity: distinct-1/2 (distinct
+n-grams over all n-grams of all responses) and the repeated n-gram rate (the fraction of a
+response's 3-grams that already occurred in it).
+
+With ``--baseline`` both models answer the same N prompts, each sampled after seeding with the same
+``--seed``, so the comparison is paired: the reward difference A − B is the mean of the per-prompt
+differences, with the standard error of that mean, and the win rate of A over B is the fraction of
+prompts where A's response scores higher than B's (ties count half). A model against itself gives
+a difference of exactly 0 and a win rate of exactly 0.5.
+
+    prompts, runs = sample(cfg)          {"policy": Responses, "baseline": Responses}, per prompt
+    result = summarize(runs)             the JSON: one model's metrics, or both and the comparison
+    format_table(result), plot_comparison(runs, result, png)
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import fastppo
-from fastppo.trainer import runtime, tiny
+from fastppo.trainer import lora, runtime, tiny
+from fastppo.trainer.data import read_rows
+from fastppo.trainer.errors import UsageError
+from fastppo.trainer.hub import check_model
 from fastppo.trainer.rollout import generate, load_reward, to_padded, token_logprobs_of
 
 
@@ -21,30 +36,62 @@ def _help(text: str, **kwargs):
 
 @dataclass
 class EvalConfig:
-    policy: str = _help("Folder of the policy to evaluate (e.g. a checkpoint's policy/).")
+    policy: str = _help("The policy to evaluate, A: a folder (e.g. a checkpoint's policy/) or a model id.")
+    baseline: str | None = _help(
+        "A model to put beside it, B (e.g. its starting point, the checkpoint's reference/): both "
+        "answer the same prompts with the same sampling seed; the table adds A − B and A's win rate.",
+        default=None,
+    )
     reference: str | None = _help(
-        "Folder of the reference for the KL (default: the checkpoint's reference/).", default=None
+        "The reference of the KL, for both models (default: the reference/ folder beside --policy's, "
+        "else beside --baseline's; none there: no KL).",
+        default=None,
     )
     reward: str = _help("As in `fastppo train ppo --reward`.", default="echo")
-    prompts: str | None = _help("JSONL with a 'prompt' per line (default: synthetic).", default=None)
-    n_prompts: int = _help("Prompts to evaluate (synthetic ones are held out).", default=256)
+    prompts: str | None = _help(
+        "JSONL or Parquet file with a 'prompt' per row, as in training (default: synthetic held-out).",
+        default=None,
+    )
+    n_prompts: int = _help("Prompts to evaluate (the first N of --prompts).", default=256)
     max_new_tokens: int = _help("Longest response.", default=8)
     temperature: float = _help("Sampling temperature (0: greedy).", default=1.0)
     batch_size: int = _help("Prompts per generation batch.", default=64)
-    seed: int = _help("Seed (synthetic held-out prompts use it too).", default=1234)
+    seed: int = _help("Seed of the sampling, the same for both models (synthetic prompts use it too).",
+                      default=1234)  # fmt: skip
     device: str = _help("'auto', 'cpu' or 'cuda[:i]'.", default="auto")
     output: str | None = _help("Also write the results to this JSON file.", default=None)
+    plot: str | None = _help(
+        "Draw the metrics into this PNG (needs matplotlib; default: --output with .png, if given; "
+        "'none': no plot).",
+        default=None,
+    )
 
     def __post_init__(self):
-        if not Path(self.policy).is_dir():
-            raise ValueError(f"policy: no such folder: {self.policy}")
-        if self.reference is None and (Path(self.policy).parent / "reference").is_dir():
-            self.reference = str(Path(self.policy).parent / "reference")
+        """Every mistake is a ``UsageError`` naming the field, as training's config does."""
+        for name in ("policy", "baseline", "reference"):
+            if getattr(self, name) is not None:
+                check_model(getattr(self, name), name)  # a model folder or a Hugging Face id
+        if self.reference is None:
+            folders = [Path(p) for p in (self.policy, self.baseline) if p is not None and Path(p).is_dir()]
+            self.reference = next((str(p.parent / "reference") for p in folders
+                                   if (p.parent / "reference").is_dir()), None)  # fmt: skip
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise UsageError(f"prompts: no such file: {self.prompts}")
+        if self.reward != "echo" and ":" not in self.reward:
+            check_model(self.reward, "reward")
         for name in ("n_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.plot is None and self.output is not None:
+            self.plot = str(Path(self.output).with_suffix(".png"))
+        if self.plot is not None and self.plot.lower() in ("", "none"):
+            self.plot = None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics.
 
 
 def distinct_n(responses: list[list[int]], n: int) -> float:
@@ -64,49 +111,275 @@ def repeated_ngram_rate(responses: list[list[int]], n: int = 3) -> float:
     return repeats / total if total else 0.0
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def stderr(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (N,): sample standard deviation / √N; 0 for N < 2."""
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Fraction of prompts where ``a`` (N,) beats ``b`` (N,), ties counted half."""
+    return mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)])
+
+
+@dataclass
+class Responses:
+    """One model's responses to the N prompts, in prompt order."""
+
+    texts: list[str]  # (N,) decoded responses
+    tokens: list[list[int]]  # (N, ragged) response token ids, up to and including EOS
+    scores: list[float]  # (N,) reward of each response
+    kls: list[float] | None  # (N,) k1 KL to the reference summed over the response; None without one
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+
+#: The metrics of one model, in table order: JSON key → table label.
+METRICS = {
+    "reward": "mean reward",
+    "kl_to_reference": "KL to reference",
+    "response_length": "response length",
+    "distinct_1": "distinct-1",
+    "distinct_2": "distinct-2",
+    "repeated_3gram_rate": "repeated 3-gram rate",
+}
+
+
+def summary(run: Responses) -> dict:
+    """One model's metrics: the keys of ``METRICS``, ``prompts`` and ``reward_stderr``."""
+    return {
+        "prompts": len(run.scores),
+        "reward": mean(run.scores),
+        "reward_stderr": stderr(run.scores),
+        "kl_to_reference": mean(run.kls) if run.kls else None,
+        "response_length": mean(run.lengths),
+        "distinct_1": distinct_n(run.tokens, 1),
+        "distinct_2": distinct_n(run.tokens, 2),
+        "repeated_3gram_rate": repeated_ngram_rate(run.tokens, 3),
+    }
+
+
+def summarize(runs: dict[str, Responses]) -> dict:
+    """The JSON of ``fastppo eval``. One model (``runs`` holds "policy" only): its ``summary``.
+    Two: {"policy": summary, "baseline": summary, "difference": A − B of every metric (None where
+    either lacks it) and ``reward_stderr``, the standard error of the paired reward difference,
+    "win_rate": A over B under the reward}."""
+    a = summary(runs["policy"])
+    if "baseline" not in runs:
+        return a
+    b = summary(runs["baseline"])
+    scores_a, scores_b = runs["policy"].scores, runs["baseline"].scores
+    difference = {k: None if a[k] is None or b[k] is None else a[k] - b[k] for k in METRICS}
+    difference["reward_stderr"] = stderr([x - y for x, y in zip(scores_a, scores_b, strict=True)])
+    return {"policy": a, "baseline": b, "difference": difference, "win_rate": win_rate(scores_a, scores_b)}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def load_model(arg: str, path: str, device: torch.device):
+    """(tokenizer, causal LM in eval mode on ``device``) from ``path`` (a folder or a model id),
+    given as the field ``arg``; one that does not load is a ``UsageError`` naming it."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = lora.load_causal_lm(path)  # a LoRA adapter folder: on the reference/ (base) beside it
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{arg}: cannot load {path} ({str(exc).strip().splitlines()[0]})") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.to(device).eval()
+
+
+def load_prompts(cfg: EvalConfig) -> list[str]:
+    """The first ``n_prompts`` of ``--prompts`` (JSONL or Parquet, read as training reads them), or
+    synthetic prompts of the echo task drawn with the eval seed (training draws with its own)."""
+    if cfg.prompts is None:
+        return tiny.synthetic_prompts(cfg.n_prompts, cfg.seed)
+    return [row["prompt"] for row in read_rows(cfg.prompts, ("prompt",))[: cfg.n_prompts]]
+
+
 @torch.no_grad()
-def evaluate(cfg: EvalConfig) -> dict:
-    device = runtime.resolve_device(cfg.device)
-    runtime.seed_everything(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy).to(device).eval()
-    reference = None
-    if cfg.reference:
-        reference = AutoModelForCausalLM.from_pretrained(cfg.reference).to(device).eval()
-    if cfg.prompts:
-        with open(cfg.prompts) as f:
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: cfg.n_prompts]
-    else:
-        prompts = tiny.synthetic_prompts(cfg.n_prompts, cfg.seed)  # another seed than training's
-    reward_fn = load_reward(cfg.reward, tokenizer)
+def respond(model, tokenizer, prompts: list[str], reward_fn, reference, cfg: EvalConfig, device) -> Responses:
+    """``model``'s responses to ``prompts`` (N,), sampled after seeding with ``cfg.seed``, scored by
+    ``reward_fn`` and, when ``reference`` is given, their KL to it."""
+    runtime.seed_everything(cfg.seed)  # the same draws for every model: a paired comparison
     tau = cfg.temperature if cfg.temperature > 0 else 1.0
-    scores, kls, lengths, responses = [], [], [], []
+    run = Responses([], [], [], [] if reference is not None else None)
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        samples = generate(policy, tokenizer, chunk, device, max_new_tokens=cfg.max_new_tokens,
+        samples = generate(model, tokenizer, chunk, device, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature)  # fmt: skip
-        mask = samples.response_mask
-        scores += list(reward_fn(chunk, samples.texts))
-        lengths += mask.sum(1).tolist()
-        out = samples.sequences[:, -mask.shape[1] :]
-        responses += [row[m].tolist() for row, m in zip(out, mask, strict=True)]
+        mask = samples.response_mask  # (B, R)
+        out = samples.sequences[:, -mask.shape[1] :]  # (B, R)
+        run.texts += samples.texts
+        run.scores += [float(s) for s in reward_fn(chunk, samples.texts)]
+        run.tokens += [row[m].tolist() for row, m in zip(out, mask, strict=True)]
         if reference is not None:
             tokens = samples.tokens(padding_free=False)
             with runtime.autocast(device):
                 logp, ref_logp = (
-                    token_logprobs_of(m, tokens, temperature=tau)[0] for m in (policy, reference)
+                    token_logprobs_of(m, tokens, temperature=tau)[0] for m in (model, reference)
                 )
-            kl = fastppo.kl_penalty(to_padded(logp, mask), to_padded(ref_logp, mask), "k1")
-            kls += kl.sum(1).tolist()
-    result = {
-        "prompts": len(prompts),
-        "reward": sum(scores) / len(scores),
-        "kl_to_reference": sum(kls) / len(kls) if kls else None,
-        "response_length": sum(lengths) / len(lengths),
-        "distinct_1": distinct_n(responses, 1),
-        "distinct_2": distinct_n(responses, 2),
-        "repeated_3gram_rate": repeated_ngram_rate(responses, 3),
-    }
+            kl = fastppo.kl_penalty(to_padded(logp, mask), to_padded(ref_logp, mask), "k1")  # (B, R)
+            run.kls += kl.sum(1).tolist()
+    return run
+
+
+def sample(cfg: EvalConfig) -> tuple[list[str], dict[str, Responses]]:
+    """The prompts (N,) and the per-prompt responses of "policy" (and "baseline" when given). The
+    models are loaded one at a time beside the reference; the reward takes the policy's tokenizer."""
+    device = runtime.resolve_device(cfg.device)
+    prompts = load_prompts(cfg)
+    reference = None
+    if cfg.reference:
+        reference = load_model("reference", cfg.reference, device)[1]
+    runs, reward_fn = {}, None
+    for arg in ("policy", "baseline"):
+        path = getattr(cfg, arg)
+        if path is None:
+            continue
+        tokenizer, model = load_model(arg, path, device)
+        if reference is not None and reference.config.vocab_size != model.config.vocab_size:
+            raise UsageError(f"reference: a vocabulary of {reference.config.vocab_size} tokens, "
+                             f"{arg} has {model.config.vocab_size}")  # fmt: skip
+        reward_fn = reward_fn or load_reward(cfg.reward, tokenizer)
+        runs[arg] = respond(model, tokenizer, prompts, reward_fn, reference, cfg, device)
+        del model
+    return prompts, runs
+
+
+def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict:
+    """Sample, summarize (see ``summarize``) and write ``cfg.output`` and ``cfg.plot`` when set."""
+    _, runs = sample(cfg)
+    result = summarize(runs)
     if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {cfg.output}")
+    if cfg.plot:
+        Path(cfg.plot).parent.mkdir(parents=True, exist_ok=True)
+        written = plot_comparison(runs, result, cfg.plot, {"A": cfg.policy, "B": cfg.baseline})
+        log(
+            f"wrote {cfg.plot}"
+            if written
+            else "no plot: matplotlib is not installed (pip install matplotlib)"
+        )
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The table and the plot.
+
+
+def _number(value, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    value = round(value, 3) + 0.0  # no "-0.000"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def format_table(result: dict) -> str:
+    """Plain text, one row per metric; columns A and, with a baseline, B and A − B (the reward
+    difference with its standard error, then the win rate of A over B)."""
+    paired = "difference" in result
+    a = result["policy"] if paired else result
+    b, diff = (result["baseline"], result["difference"]) if paired else ({}, {})
+    rows = [("metric", "A", "B", "A − B"), ("prompts", str(a["prompts"]), str(b.get("prompts", "")), "")]
+    for key, label in METRICS.items():
+        delta = _number(diff.get(key), signed=True) if paired else ""
+        if key == "reward":
+            label = "mean reward (± s.e.)"
+            a_cell = f"{_number(a[key])} ± {a['reward_stderr']:.3f}"
+            b_cell = f"{_number(b[key])} ± {b['reward_stderr']:.3f}" if paired else ""
+            delta += f" ± {diff['reward_stderr']:.3f}" if paired else ""
+            rows.append((label, a_cell, b_cell, delta))
+            if paired:
+                rows.append(("win rate of A over B", "", "", f"{result['win_rate']:.3f}"))
+            continue
+        rows.append((label, _number(a[key]), _number(b.get(key)) if paired else "", delta))
+    if not paired:
+        rows = [row[:2] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                       enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+COLORS = {"A": "tab:blue", "B": "tab:orange"}
+
+
+def _per_prompt_panel(ax, title: str, values: dict[str, list[float]]) -> None:
+    """One bar per model ("A", "B"): the mean of its per-prompt ``values`` (N,), ± standard error."""
+    names = list(values)
+    ax.bar(names, [mean(v) for v in values.values()], yerr=[stderr(v) for v in values.values()],
+           color=[COLORS[n] for n in names], width=0.6, capsize=5)  # fmt: skip
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _diversity_panel(ax, models: dict[str, Responses]) -> None:
+    """distinct-1, distinct-2 and the repeated 3-gram rate, one bar per model in each group."""
+    width = 0.8 / len(models)
+    for i, (name, run) in enumerate(models.items()):
+        s = summary(run)
+        values = [s["distinct_1"], s["distinct_2"], s["repeated_3gram_rate"]]
+        ax.bar([j + (i - (len(models) - 1) / 2) * width for j in range(3)], values, width=width,
+               color=COLORS[name], label=name)  # fmt: skip
+    ax.set_xticks(range(3), ["distinct-1", "distinct-2", "repeated 3-gram"])
+    ax.set_ylim(0, 1)
+    ax.set_title("diversity")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+
+
+def plot_comparison(
+    runs: dict[str, Responses], result: dict, png: str | Path, labels: dict[str, str] | None = None
+) -> Path | None:
+    """A PNG of the metrics, A (and B) side by side: mean reward, length and KL with their standard
+    errors, the diversity metrics, and with a baseline a histogram of the per-prompt reward
+    differences A − B. ``labels``: what A and B are, for the title. None (nothing written) when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = {"A": runs["policy"]} | ({"B": runs["baseline"]} if "baseline" in runs else {})
+    panels = {"mean reward": [r.scores for r in models.values()],
+              "response length (tokens)": [r.lengths for r in models.values()]}  # fmt: skip
+    if runs["policy"].kls is not None:
+        panels["KL to reference"] = [r.kls for r in models.values()]
+    count = len(panels) + 1 + ("B" in models)
+    cols = 2 if count == 4 else min(3, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    axes = list(axes.flat)
+    for ax, (title, values) in zip(axes, panels.items(), strict=False):
+        _per_prompt_panel(ax, title, dict(zip(models, values, strict=True)))
+    _diversity_panel(axes[len(panels)], models)
+    if "B" in models:
+        ax = axes[len(panels) + 1]
+        differences = [x - y for x, y in zip(runs["policy"].scores, runs["baseline"].scores, strict=True)]
+        ax.hist(differences, bins=21, color="tab:gray")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"reward A − B per prompt\nwin rate of A {result['win_rate']:.3f}")
+        ax.set_xlabel("A − B")
+    for ax in axes[count:]:
+        ax.axis("off")
+    if labels:
+        fig.suptitle("   ".join(f"{k}: {v}" for k, v in labels.items() if v), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, runtime, tiny
+from fastppo.trainer import checkpoint, data, lora, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.rollout import TokenBatch, token_logprobs_of
@@ -40,9 +40,13 @@ def attention(cfg: OfflineConfig) -> str:
 
 
 def load_causal_lm(cfg: OfflineConfig, tokenizer):
+    """The model to train: with ``lora_r`` > 0 a peft model (LoRA adapter, base frozen); with
+    ``gradient_checkpointing``, checkpointed."""
     if cfg.model is None:
-        return tiny.build_policy(tokenizer, cfg.seed, attention(cfg))
-    return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attention(cfg))
+        model = tiny.build_policy(tokenizer, cfg.seed, attention(cfg))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=attention(cfg))
+    return lora.prepare(model, cfg)
 
 
 def sequence_logprobs(
@@ -149,7 +153,7 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
     out.mkdir(parents=True, exist_ok=True)
     folder = "reward_model" if name == "rm" else "policy"
     train_rows, eval_rows = data.split(rows, cfg.eval_fraction, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(lora.trainable_parameters(model), lr=cfg.lr, weight_decay=0.0)
     total_steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)  # fmt: skip
@@ -161,7 +165,10 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
     if cfg.resume and last is None:
         log(f"resume: no checkpoint in {out}, starting from scratch")
     if last is not None:
-        model.load_state_dict(type(model).from_pretrained(last / folder).state_dict())
+        if lora.is_peft(model):
+            lora.load_adapter(model, last / folder)
+        else:
+            model.load_state_dict(type(model).from_pretrained(last / folder).state_dict())
         state = checkpoint.load_trainer_state(last)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -170,7 +177,7 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
         step, first_epoch = state["step"], state["epoch"]
         log(f"resumed from {last} after epoch {first_epoch}")
 
-    metrics = MetricsWriter(out, log=log)
+    metrics = MetricsWriter(out, log=log, report_to=cfg.report_to, config=asdict(cfg))
     with tqdm(total=total_steps, initial=step, desc=name) as bar:
         for epoch in range(first_epoch, cfg.epochs):
             for rows_batch in data.batches(train_rows, cfg.batch_size, order_rng):
@@ -229,6 +236,7 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
             cfg.model, num_labels=1, attn_implementation=attention(cfg)
         )
     model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
+    model = lora.prepare(model, cfg, task_type="SEQ_CLS")  # LoRA: the score head trains in full
     fields = ("prompt", "chosen", "rejected")
     rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "rm", model, tokenizer, rows, reward_model_loss, log)
@@ -237,7 +245,10 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
 def train_dpo(cfg: DPOConfig, log=print) -> list[dict]:
     tokenizer = load_tokenizer(cfg)
     policy = load_causal_lm(cfg, tokenizer)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(runtime.resolve_device(cfg.device))
+    if lora.is_peft(policy):  # the base model: the policy with its adapter disabled, no copy
+        reference = lora.AdapterDisabled(policy)
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False).to(runtime.resolve_device(cfg.device))
     fields = ("prompt", "chosen", "rejected")
     rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "dpo", policy, tokenizer, rows, make_dpo_loss(cfg, reference), log)

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import random
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -27,10 +28,11 @@ from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, 
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import algorithms, checkpoint, runtime, tiny
+from fastppo.trainer import algorithms, checkpoint, lora, runtime, tiny
 from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs
 from fastppo.trainer.config import PPOConfig
 from fastppo.trainer.data import read_rows
+from fastppo.trainer.errors import Interrupted, UsageError
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.rollout import Rollout, collect, load_reward, token_logprobs_of, values_of
 
@@ -40,7 +42,11 @@ from fastppo.trainer.rollout import Rollout, collect, load_reward, token_logprob
 
 def load_models(cfg: PPOConfig, attention: str):
     """Tokenizer, policy, reference (a frozen copy of the policy) and critic (None unless the
-    advantage estimator needs one); ``attention`` is the ``attn_implementation`` of all three."""
+    advantage estimator needs one); ``attention`` is the ``attn_implementation`` of all three.
+
+    With ``lora_r`` > 0 the policy is a peft model (a LoRA adapter on frozen base weights) and the
+    reference is that same model with its adapter disabled (``lora.AdapterDisabled``), not a copy.
+    The critic is always trained in full. ``gradient_checkpointing``: on in the policy and critic."""
     if cfg.policy is None:
         tokenizer = tiny.build_tokenizer()
         policy = tiny.build_policy(tokenizer, cfg.seed, attention)
@@ -50,7 +56,11 @@ def load_models(cfg: PPOConfig, attention: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(policy)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = lora.prepare(policy, cfg)  # gradient checkpointing; LoRA adapter when lora_r > 0
+    if lora.is_peft(policy):
+        reference = lora.AdapterDisabled(policy)
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = None
     if ADVANTAGES[cfg.advantage].needs_critic:
         if cfg.critic is None and cfg.policy is None:
@@ -60,6 +70,8 @@ def load_models(cfg: PPOConfig, attention: str):
                 cfg.critic or cfg.policy, num_labels=1, attn_implementation=attention
             )
         disable_dropout(critic)
+        if cfg.gradient_checkpointing:
+            lora.enable_gradient_checkpointing(critic)
     return tokenizer, policy, reference, critic
 
 
@@ -115,7 +127,7 @@ def set_up(cfg: PPOConfig, log) -> Run:
     out = Path(cfg.output_dir)
     if checkpoint.holds_a_run(out) and not cfg.resume:
         if not cfg.overwrite:
-            raise ValueError(
+            raise UsageError(
                 f"output_dir: {out} holds a run; pass --resume to continue it, --overwrite to start over, "
                 "or another --output_dir"
             )
@@ -137,18 +149,21 @@ def set_up(cfg: PPOConfig, log) -> Run:
         log(f"resume: no checkpoint in {out}, starting from scratch")
     if last is not None:
         load = lambda cls, name: cls.from_pretrained(last / name).state_dict()  # noqa: E731
-        policy.load_state_dict(load(AutoModelForCausalLM, "policy"))
-        reference.load_state_dict(load(AutoModelForCausalLM, "reference"))
+        if lora.is_peft(policy):  # the adapter; the reference is the base, loaded as at the start
+            lora.load_adapter(policy, last / "policy")
+        else:
+            policy.load_state_dict(load(AutoModelForCausalLM, "policy"))
+            reference.load_state_dict(load(AutoModelForCausalLM, "reference"))
         if critic is not None:
             critic.load_state_dict(load(AutoModelForTokenClassification, "critic"))
 
     # Wrap (DDP) or shard (FSDP2) before the optimizer: sharding replaces the parameters.
     if cfg.fsdp and not distributed.enabled:
-        raise ValueError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        raise UsageError("fsdp needs several processes: launch with torchrun --nproc_per_node N")
     parallel = runtime.shard if cfg.fsdp else runtime.wrap
     policy = parallel(policy, device, distributed)
     critic = parallel(critic, device, distributed) if critic is not None else None
-    params = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    params = [{"params": lora.trainable_parameters(policy), "lr": cfg.lr}]  # LoRA: the adapter's
     if critic is not None:
         params.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
@@ -404,22 +419,45 @@ def finish(run: Run, log) -> None:
 
 
 def train(cfg: PPOConfig, log=print) -> list[dict]:
-    """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl)."""
+    """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl).
+
+    SIGINT or SIGTERM (every rank gets it from a terminal's Ctrl-C or from torchrun) stops the run
+    after the current iteration: all ranks save a checkpoint there, the plot is written, and
+    ``errors.Interrupted`` is raised (the CLI prints how to resume and exits non-zero)."""
     run = set_up(cfg, log)
     history = []
     # A resumed run rewrites what the interrupted one logged after its checkpoint.
     metrics = MetricsWriter(
-        run.out, enabled=run.distributed.main, log=log, resume_at=run.start if cfg.resume else None
+        run.out,
+        enabled=run.distributed.main,
+        log=log,
+        resume_at=run.start if cfg.resume else None,
+        report_to=cfg.report_to,
+        config=asdict(cfg),
     )
     bar = tqdm(range(run.start, cfg.iterations), initial=run.start, total=cfg.iterations, desc=cfg.algo,
                disable=not run.distributed.main)  # fmt: skip
-    for iteration in bar:
-        record = iterate(run, iteration)
-        history.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-        metrics.write(record, step=iteration + 1)
-        if iteration + 1 == cfg.iterations or (cfg.save_every and (iteration + 1) % cfg.save_every == 0):
-            save(run, iteration + 1)
+    signum, done = 0, run.start
+    quiet = lambda *_: None  # noqa: E731
+    stopping = runtime.StopOnSignal(
+        log if run.distributed.main else quiet, repeat_stops=not run.distributed.enabled
+    )
+    with stopping as stop:
+        for iteration in bar:
+            record = iterate(run, iteration)
+            history.append(record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            metrics.write(record, step=iteration + 1)
+            done = iteration + 1
+            signum = stop.requested(run.device, run.distributed)
+            if signum or done == cfg.iterations or (cfg.save_every and done % cfg.save_every == 0):
+                save(run, done)
+            if signum:
+                break
+    bar.close()
     metrics.close()
     finish(run, log)
+    if signum:
+        name = signal.Signals(signum).name
+        raise Interrupted(name, signum, done, str(run.out / f"checkpoint-{done}"))
     return history
