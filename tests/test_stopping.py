@@ -70,3 +70,30 @@ def test_ctrl_c_stops_two_processes_together(tmp_path):
     output = proc.stdout + proc.stderr
     assert "rank 0: 2 ranks in sync" in output and "rank 1: 2 ranks in sync" in output
     check_stopped(proc, tmp_path / "run", signal.SIGINT, torchrun=True)
+
+
+def test_an_offline_loop_stops_mid_epoch_and_resumes_exactly(tmp_path):
+    """SFT stopped by SIGINT mid-epoch saves a checkpoint at that step (with the epoch's batch
+    order and how far it got); the printed command resumes it, and the result equals an
+    uninterrupted run bit for bit. A second start into the folder is refused."""
+    args = ["train", "sft", "--epochs", "2", "--n_synthetic", "384", "--batch_size", "8"]
+    straight = run([*CLI, *args, "--output_dir", "a"], tmp_path, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    group = Group([*CLI, *args, "--output_dir", "b"], tmp_path)
+    wait_for_lines(tmp_path / "b" / "metrics.jsonl", 3, group)
+    group.proc.send_signal(signal.SIGINT)
+    proc = group.wait(timeout=300)
+    assert proc.returncode == 130
+    found = STOPPED.search(proc.stderr)
+    assert found and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    resumed = run([*CLI, *shlex.split(found.group(3))[1:]], tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = lambda d: [
+        json.loads(line)["step"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+    ]  # noqa: E731
+    assert steps("b") == steps("a")
+    final = sorted((tmp_path / "a").glob("checkpoint-*"))[-1].name
+    weights = [(tmp_path / d / final / "policy" / "model.safetensors").read_bytes() for d in ("a", "b")]
+    assert weights[0] == weights[1]
+    again = run([*CLI, *args, "--output_dir", "a"], tmp_path, timeout=300)
+    assert again.returncode == 2 and "output_dir: a holds a run; pass --resume" in again.stderr

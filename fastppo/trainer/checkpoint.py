@@ -138,6 +138,22 @@ def clear_run(output_dir: str | Path) -> None:
         shutil.rmtree(path)
 
 
+def claim_run_folder(output_dir: str | Path, *, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuse to start into a folder that holds a run unless ``resume`` continues it or
+    ``overwrite`` starts over (``clear``: remove the old run here; under torchrun rank 0 does)."""
+    from fastppo.trainer.errors import UsageError
+
+    if not holds_a_run(output_dir) or resume:
+        return
+    if not overwrite:
+        raise UsageError(
+            f"output_dir: {output_dir} holds a run; pass --resume to continue it, --overwrite to start over, "
+            "or another --output_dir"
+        )
+    if clear:
+        clear_run(output_dir)
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     found = checkpoints(output_dir)

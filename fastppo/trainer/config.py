@@ -335,8 +335,15 @@ class OfflineConfig:
     )
     output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/offline")
     resume: bool = _help(
-        "Continue from the latest checkpoint in output_dir (one is saved per epoch).", default=False
+        "Continue from the latest checkpoint in output_dir (one per epoch, and one where SIGINT or "
+        "SIGTERM stopped the run).",
+        default=False,
     )
+    overwrite: bool = _help(
+        "Start over in an output_dir that holds a run (its metrics, plot and checkpoints are removed).",
+        default=False,
+    )
+    save_total_limit: int = _help("Keep only the newest N checkpoints (0: keep all).", default=0)
     seed: int = _help("Seed of every random generator.", default=0)
     device: str = _help(
         "'auto' (CUDA when available, bf16 autocast there), 'cpu' or 'cuda[:i]'.", default="auto"
@@ -391,6 +398,12 @@ class OfflineConfig:
                 raise UsageError(f"{name} must be > 0, got {value}")
         if not 0 <= self.eval_fraction < 1:
             raise UsageError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        if self.save_total_limit < 0:
+            raise UsageError(f"save_total_limit must be >= 0, got {self.save_total_limit}")
+        if self.resume and self.overwrite:
+            raise UsageError(
+                "resume and overwrite: choose one (continue the run in output_dir, or start over)"
+            )
         lora.check_options(self)
         reporters(self.report_to)
         _check_sources(models=("model",), files=("data",), config=self)

@@ -7,8 +7,10 @@ step to ``metrics.jsonl``, held-out evaluation after every epoch, an atomic chec
 
 import copy
 import functools
+import json
 import math
 import random
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from transformers import (
 import fastppo
 from fastppo.trainer import checkpoint, data, lora, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
+from fastppo.trainer.errors import Interrupted
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.rollout import TokenBatch, token_logprobs_of
 
@@ -145,12 +148,17 @@ def evaluate(model, tokenizer, rows, loss_fn, batch_size, device) -> dict:
 
 def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=print) -> list[dict]:
     """Train ``model`` on ``rows`` with ``loss_fn``; a checkpoint after every epoch, and with
-    ``cfg.resume`` a restart from the latest one continues exactly where it stopped."""
+    ``cfg.resume`` a restart from the latest one continues exactly where it stopped.
+
+    SIGINT or SIGTERM stops after the current step with a checkpoint there (the epoch's batch order
+    and how many batches it has done, so a resume goes on mid-epoch) and ``errors.Interrupted``."""
     device = runtime.resolve_device(cfg.device)
     runtime.seed_everything(cfg.seed)
     model = model.to(device)
     out = Path(cfg.output_dir)
+    checkpoint.claim_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     folder = "reward_model" if name == "rm" else "policy"
     train_rows, eval_rows = data.split(rows, cfg.eval_fraction, cfg.seed)
     optimizer = torch.optim.AdamW(lora.trainable_parameters(model), lr=cfg.lr, weight_decay=0.0)
@@ -158,7 +166,7 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)  # fmt: skip
     order_rng = random.Random(cfg.seed)  # the order of the batches
-    history, step, first_epoch = [], 0, 0
+    history, step, first_epoch, skip = [], 0, 0, 0
     nonfinite = runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
 
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
@@ -174,43 +182,74 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         order_rng.setstate(state["order_rng"])
-        step, first_epoch = state["step"], state["epoch"]
-        log(f"resumed from {last} after epoch {first_epoch}")
+        step, first_epoch, skip = state["step"], state["epoch"], state.get("batches_done", 0)
+        log(f"resumed from {last} at step {step}")
 
-    metrics = MetricsWriter(out, log=log, report_to=cfg.report_to, config=asdict(cfg))
-    with tqdm(total=total_steps, initial=step, desc=name) as bar:
+    def save(epoch: int, batches_done: int, epoch_order) -> None:
+        """A checkpoint at ``step``: continue with epoch ``epoch`` (0-based), whose batch order
+        ``epoch_order`` (order_rng's state before its shuffle) has ``batches_done`` behind it."""
+        state = dict(
+            step=step, epoch=epoch, batches_done=batches_done, config=asdict(cfg), order_rng=epoch_order
+        )
+        state.update(
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=checkpoint.rng_state()
+        )
+        checkpoint.save_checkpoint(out, step, {folder: model}, tokenizer, state)
+        checkpoint.keep_newest(out, cfg.save_total_limit)
+
+    metrics = MetricsWriter(out, log=log, report_to=cfg.report_to, config=asdict(cfg),
+                            resume_at=step if last is not None else None, key="step")  # fmt: skip
+    signum = 0
+    with tqdm(total=total_steps, initial=step, desc=name) as bar, runtime.StopOnSignal(log) as stop:
         for epoch in range(first_epoch, cfg.epochs):
-            for rows_batch in data.batches(train_rows, cfg.batch_size, order_rng):
-                model.train()
-                with runtime.autocast(device):
-                    loss, batch_metrics = loss_fn(model, tokenizer, rows_batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            epoch_order = order_rng.getstate()
+            for done, rows_batch in enumerate(data.batches(train_rows, cfg.batch_size, order_rng), 1):
+                if done <= skip:  # resumed mid-epoch: these batches were trained on before the stop
+                    continue
                 step += 1
                 bar.update(1)
-                if not nonfinite.ok(
-                    bool(torch.isfinite(loss) and torch.isfinite(grad_norm)), f"{name} step {step}"
-                ):
+                record = train_step(cfg, model, tokenizer, rows_batch, loss_fn, optimizer, scheduler, device)
+                if not nonfinite.ok(record is not None, f"{name} step {step}"):
                     continue
-                optimizer.step()
-                scheduler.step()
-                record = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in batch_metrics.items()}}
+                record = {"step": step, "epoch": epoch + 1, **record}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "accuracy")})
                 history.append(record)
                 metrics.write(record, step)
+                signum = stop.received
+                if signum:
+                    save(epoch, done, epoch_order)
+                    break
+            if signum:
+                break
+            skip = 0
             if eval_rows:
                 held_out = evaluate(model, tokenizer, eval_rows, loss_fn, cfg.batch_size, device)
                 record = {"step": step, "epoch": epoch + 1, **held_out}
                 log(f"{name} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
                 history.append(record)
                 metrics.write(record, step)
-            state = dict(step=step, epoch=epoch + 1, config=asdict(cfg), order_rng=order_rng.getstate())
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-            state.update(rng=checkpoint.rng_state())
-            checkpoint.save_checkpoint(out, step, {folder: model}, tokenizer, state)
+            save(epoch + 1, 0, order_rng.getstate())
     metrics.close()
+    if signum:
+        name_of = signal.Signals(signum).name
+        raise Interrupted(name_of, signum, step, str(out / f"checkpoint-{step}"))
     return history
+
+
+def train_step(cfg, model, tokenizer, rows_batch, loss_fn, optimizer, scheduler, device) -> dict | None:
+    """One optimizer step on ``rows_batch``: its metrics, or None when the loss or the gradient is
+    not finite (the step is skipped)."""
+    model.train()
+    with runtime.autocast(device):
+        loss, batch_metrics = loss_fn(model, tokenizer, rows_batch, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if not bool(torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        return None
+    optimizer.step()
+    scheduler.step()
+    return {k: float(v) for k, v in batch_metrics.items()}
 
 
 def train_sft(cfg: SFTConfig, log=print) -> list[dict]:

@@ -125,14 +125,7 @@ def set_up(cfg: PPOConfig, log) -> Run:
     distributed = runtime.init_distributed(device)
     runtime.seed_everything(cfg.seed)  # the same initial models on every rank
     out = Path(cfg.output_dir)
-    if checkpoint.holds_a_run(out) and not cfg.resume:
-        if not cfg.overwrite:
-            raise UsageError(
-                f"output_dir: {out} holds a run; pass --resume to continue it, --overwrite to start over, "
-                "or another --output_dir"
-            )
-        if distributed.main:
-            checkpoint.clear_run(out)
+    checkpoint.claim_run_folder(out, resume=cfg.resume, overwrite=cfg.overwrite, clear=distributed.main)
     if distributed.enabled:  # every rank has looked at the folder before rank 0 writes into it
         torch.distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
