@@ -13,6 +13,7 @@ computed are read from the registries in ``algorithms.py``; nothing here branche
 """
 
 import copy
+import gc
 import json
 import math
 import random
@@ -408,6 +409,11 @@ def finish(run: Run, log) -> None:
             runtime.check_in_sync(model, run.device, run.distributed)
         if run.distributed.enabled:
             log(f"rank {run.distributed.rank}: {run.distributed.world_size} ranks in sync")
+    # DDP's reducer and FSDP's sharded parameters hold the process group: let them go first, so the
+    # group is torn down below, with every rank present, and not by their destructors at
+    # interpreter exit, when a peer may be gone and gloo's threads wait for it.
+    run.policy = run.critic = run.reference = run.optimizer = run.scheduler = None
+    gc.collect()
     runtime.finish_distributed(run.distributed)
 
 
