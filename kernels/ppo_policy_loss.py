@@ -206,7 +206,7 @@ def _ppo_policy_loss_fwd_kernel(
         d = old_logp - rollout_logp
 
     x = log_ratio  # what the row sums add up: the log-ratio, or GMPO's clipped one
-    follows = log_ratio == log_ratio
+    follows = log_ratio == log_ratio  # all True where it counts (NaN only in padding)
     if LOSS == 3:
         x, follows = _geo_log_ratio(log_ratio, adv, clip_low, clip_high)
 
@@ -233,7 +233,7 @@ def _ppo_policy_loss_fwd_kernel(
     else:
         ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
         grad_ok = tl.abs(log_ratio) <= 20.0
-    if LOSS == 3:  # GMPO: the row's loss −Ā·ratio on each of its tokens, the gradient of the row's
+    if LOSS == 3:  # GMPO-token: each token carries its row's −Ā·ρ, with ∂ρ/∂logpₜ = ρ where xₜ follows logp
         mean_adv = s_a / tl.maximum(s_m, 1.0)
         loss = -mean_adv * ratio
         dloss = tl.where(grad_ok & follows, loss, 0.0)
