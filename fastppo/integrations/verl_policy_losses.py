@@ -175,6 +175,18 @@ def _fused(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, con
     return (loss * factor).to(dtype), stats
 
 
+def _clipped_member(verl_name: str, args: tuple, **options):
+    """A member of verl's registry with a clip range (gspo, cispo) by the op, or verl's own
+    ``verl_name`` where the op has no form for the clip ratios. ``args``: verl's seven arguments."""
+    config = args[5]
+    _check_config(config)
+    low, high = _clip_ratios(config)
+    if not _op_takes_clips(low, high):
+        return _verl_own(verl_name)(*args)
+    pg_loss, stats = _fused(*args, clip_low=low, clip_high=high, **options)
+    return pg_loss, _metrics(stats["clipfrac"], stats["approx_kl"], 0.0)
+
+
 def _metrics(pg_clipfrac, ppo_kl, pg_clipfrac_lower) -> dict[str, float]:
     """verl's metrics dict from 0-d tensors or numbers, read to the host in one sync."""
     values = [pg_clipfrac, ppo_kl, pg_clipfrac_lower]
@@ -278,13 +290,8 @@ def compute_policy_loss_gspo(
         ``(pg_loss, metrics)``: pg_clipfrac over tokens, ppo_kl the mean of the unclamped
         old_log_prob − log_prob (verl's too), pg_clipfrac_lower 0.0.
     """
-    _check_config(config)
-    low, high = _clip_ratios(config)
     args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-    if not _op_takes_clips(low, high):
-        return _verl_own("compute_policy_loss_gspo")(*args)
-    pg_loss, stats = _fused(*args, clip_low=low, clip_high=high, ratio_level="sequence")
-    return pg_loss, _metrics(stats["clipfrac"], stats["approx_kl"], 0.0)
+    return _clipped_member("compute_policy_loss_gspo", args, ratio_level="sequence")
 
 
 def compute_policy_loss_cispo(
@@ -309,13 +316,8 @@ def compute_policy_loss_cispo(
         ``(pg_loss, metrics)``: pg_clipfrac the fraction of tokens whose ratio the clip changed,
         ppo_kl, pg_clipfrac_lower 0.0.
     """
-    _check_config(config)
-    low, high = _clip_ratios(config)
     args = (old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-    if not _op_takes_clips(low, high):
-        return _verl_own("compute_policy_loss_cispo")(*args)
-    pg_loss, stats = _fused(*args, clip_low=low, clip_high=high, loss="cispo")
-    return pg_loss, _metrics(stats["clipfrac"], stats["approx_kl"], 0.0)
+    return _clipped_member("compute_policy_loss_cispo", args, loss="cispo")
 
 
 def compute_policy_loss_sapo(
