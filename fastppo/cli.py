@@ -7,6 +7,7 @@
 """
 
 import argparse
+import faulthandler
 import importlib.metadata
 import os
 import platform
@@ -279,6 +280,21 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+#: Seconds a finished command's process may take to exit. Past them it prints every thread's
+#: stack and exits 1 instead of hanging: a teardown that never ends (a process group's threads, an
+#: exit handler) then names where it is stuck, and a torchrun job ends.
+EXIT_LIMIT_S = 120
+
+
+def entry() -> None:
+    """The ``fastppo`` console script: ``main`` in a process that ends when the command does."""
+    try:
+        code = main()
+    finally:  # also after a crash: a rank's teardown can wait on a peer that is gone
+        faulthandler.dump_traceback_later(EXIT_LIMIT_S, exit=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a ``fastppo`` command. A user mistake (a ``UsageError``: a bad flag, file, row or field
     value) prints one line naming it and returns 2; ``--debug`` anywhere in the arguments shows the
@@ -320,4 +336,4 @@ def _dispatch(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
