@@ -3,6 +3,7 @@ checkpointing, and ``report_to`` (TensorBoard, wandb), on the embedded tiny defa
 
 import importlib.util
 
+import processes
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -88,6 +89,21 @@ def test_lora_ppo_resume_equals_uninterrupted(tmp_path):
     assert drop(resumed[-1]) == drop(straight[-1])
     a, b = (peft.utils.load_peft_weights(str(tmp_path / x / "checkpoint-2" / "policy")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_under_ddp_two_processes(tmp_path):
+    """torchrun with 2 gloo processes and a LoRA adapter: DDP all-reduces the adapter's gradients
+    only (the base is frozen), the ranks end in sync, and the saved adapter trained and loads."""
+    run = ["train", "ppo", "--device", "cpu", "--iterations", "3", "--lora_r", "4", "--batch_size", "16"]
+    opts = ["--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
+    proc = processes.run([*processes.TORCHRUN, "-m", "fastppo.cli", *run, *opts], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: 2 ranks in sync" in proc.stdout and "rank 1: 2 ranks in sync" in proc.stdout
+    folder = tmp_path / "out" / "checkpoint-3" / "policy"
+    weights = peft.utils.load_peft_weights(str(folder))
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())  # it trained
+    model = peft.PeftModel.from_pretrained(tiny.build_policy(tiny.build_tokenizer(), 0), folder)
+    assert lora.parameter_counts(model)[1] == TINY_PARAMETERS + 8_192
 
 
 @pytest.mark.parametrize("loop", ["sft", "dpo", "rm"])
