@@ -13,6 +13,7 @@ from pathlib import Path
 
 CLI = [sys.executable, "-m", "fastppo.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN_CLI = [*TORCHRUN, *CLI[1:]]  # the fastppo command in 2 processes
 
 
 class Group:
@@ -41,10 +42,8 @@ class Group:
         SIGKILL what is left; returns the stacks printed."""
         self.signal_group(signal.SIGABRT)
         deadline = time.time() + 10
-        while self.proc.poll() is None or self.group_alive():  # poll() reaps the leader
-            if time.time() > deadline:
-                break
-            time.sleep(0.1)
+        while time.time() < deadline and (self.proc.poll() is None or self.group_alive()):
+            time.sleep(0.1)  # poll() reaps the leader, so a dead leader leaves the group
         if self.group_alive():
             self.signal_group(signal.SIGKILL)
         self.proc.wait()

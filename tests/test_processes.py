@@ -52,7 +52,7 @@ def test_a_command_that_cannot_exit_prints_its_stacks_and_exits_1(tmp_path):
 
 
 def test_a_command_that_exits_keeps_its_status(tmp_path):
-    proc = processes.run([sys.executable, "-m", "fastppo.cli", "env"], tmp_path, timeout=120)
+    proc = processes.run([*processes.CLI, "env"], tmp_path, timeout=120)
     assert proc.returncode == 0 and "fastppo" in proc.stdout, proc.stderr
-    proc = processes.run([sys.executable, "-m", "fastppo.cli", "train", "ppo", "--iteratons", "3"], tmp_path)
+    proc = processes.run([*processes.CLI, "train", "ppo", "--iteratons", "3"], tmp_path)
     assert proc.returncode == 2 and "--iterations" in proc.stderr, proc.stderr

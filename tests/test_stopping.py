@@ -9,7 +9,7 @@ import shlex
 import signal
 
 import pytest
-from processes import CLI, TORCHRUN, Group, run, wait_for_lines
+from processes import CLI, TORCHRUN_CLI, Group, run, wait_for_lines
 
 SMALL = ["--batch_size", "16", "--minibatch_size", "8", "--max_tokens_per_microbatch", "256"]
 STOPPED = re.compile(r"interrupted by (SIG\w+): saved (\S+); resume with\n  (.+)")
@@ -61,7 +61,7 @@ def test_ctrl_c_stops_two_processes_together(tmp_path):
     """Ctrl-C signals the terminal's whole process group: torchrun and both workers (torchrun then
     forwards it again). Both ranks stop after the same iteration, save one checkpoint together and
     check that their weights agree; no process outlives the run."""
-    cmd = [*TORCHRUN, *CLI[1:], "train", "ppo", "--device", "cpu", "--iterations", "400", *SMALL]
+    cmd = [*TORCHRUN_CLI, "train", "ppo", "--device", "cpu", "--iterations", "400", *SMALL]
     group = Group([*cmd, "--output_dir", "run"], tmp_path)
     wait_for_lines(tmp_path / "run" / "metrics.jsonl", 2, group)
     group.signal_group(signal.SIGINT)

@@ -3,7 +3,6 @@ learning, checkpoints, resume, robustness and the `fastppo train` command."""
 
 import json
 import math
-import sys
 
 import processes
 import pytest
@@ -258,9 +257,9 @@ def test_cli_offline(tmp_path):
 
 def test_two_processes_stay_in_sync(tmp_path):
     """torchrun with 2 processes (gloo on CPU): a few PPO steps, ranks checked identical."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "3", "--batch_size", "16"]
-    cmd = [*launch, *run, "--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
+    run = ["train", "ppo", "--device", "cpu", "--iterations", "3", "--batch_size", "16"]
+    opts = ["--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
+    cmd = [*processes.TORCHRUN_CLI, *run, *opts]
     proc = processes.run(cmd, tmp_path, timeout=180)  # ~20 s; the whole process group dies on timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
@@ -310,11 +309,10 @@ def test_fsdp_two_processes_learn_and_resume(tmp_path):
     counts (they must agree, or the sharded collectives stall): 15 iterations, then a resumed run
     to 30. It learns like DDP, saves full checkpoints, and the resumed optimizer goes on from the
     saved (gathered) state rather than from scratch."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--fsdp", "true", "--output_dir", "o"]
+    run = ["train", "ppo", "--device", "cpu", "--fsdp", "true", "--output_dir", "o"]
     opts = ["--batch_size", "64", "--minibatch_size", "32", "--max_tokens_per_microbatch", "200"]
     for extra in (["--iterations", "15"], ["--iterations", "30", "--resume", "true"]):
-        proc = processes.run([*launch, *run, *opts, *extra], tmp_path, timeout=600)
+        proc = processes.run([*processes.TORCHRUN_CLI, *run, *opts, *extra], tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -369,10 +367,9 @@ def test_offline_non_finite_steps_stop(tmp_path, monkeypatch):
 def test_two_processes_with_uneven_updates(tmp_path):
     """--drop_truncated under DDP: the ranks keep different numbers of sequences, and must still
     take the same number of optimizer steps (or the all-reduce would wait forever)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = ["-m", "fastppo.cli", "train", "ppo", "--device", "cpu", "--iterations", "4", "--batch_size", "16"]
+    run = ["train", "ppo", "--device", "cpu", "--iterations", "4", "--batch_size", "16"]
     opts = ["--minibatch_size", "2", "--max_new_tokens", "3", "--drop_truncated", "true", "--output_dir", "o"]
-    proc = processes.run([*launch, *run, *opts], tmp_path, timeout=180)
+    proc = processes.run([*processes.TORCHRUN_CLI, *run, *opts], tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1: 2 ranks in sync" in proc.stdout + proc.stderr
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]

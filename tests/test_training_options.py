@@ -38,6 +38,13 @@ def fixed_tokens(tokenizer):
     return response_tokens(ids, mask, mask[:, 4:], padding_free=False)
 
 
+def assert_adapter_trained(folder) -> dict:
+    """The adapter saved in ``folder`` moved from its start (lora_B starts at zero); its weights."""
+    weights = peft.utils.load_peft_weights(str(folder))
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())
+    return weights
+
+
 def logprobs(model, tokens):
     with torch.no_grad():
         return token_logprobs_of(model, tokens, temperature=1.0)[0]
@@ -96,12 +103,11 @@ def test_lora_under_ddp_two_processes(tmp_path):
     only (the base is frozen), the ranks end in sync, and the saved adapter trained and loads."""
     run = ["train", "ppo", "--device", "cpu", "--iterations", "3", "--lora_r", "4", "--batch_size", "16"]
     opts = ["--minibatch_size", "8", "--max_tokens_per_microbatch", "64", "--output_dir", "out"]
-    proc = processes.run([*processes.TORCHRUN, "-m", "fastppo.cli", *run, *opts], tmp_path, timeout=300)
+    proc = processes.run([*processes.TORCHRUN_CLI, *run, *opts], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: 2 ranks in sync" in proc.stdout and "rank 1: 2 ranks in sync" in proc.stdout
     folder = tmp_path / "out" / "checkpoint-3" / "policy"
-    weights = peft.utils.load_peft_weights(str(folder))
-    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())  # it trained
+    assert_adapter_trained(folder)
     model = peft.PeftModel.from_pretrained(tiny.build_policy(tiny.build_tokenizer(), 0), folder)
     assert lora.parameter_counts(model)[1] == TINY_PARAMETERS + 8_192
 
@@ -119,8 +125,7 @@ def test_lora_offline_loops(loop, tmp_path):
         assert history[0]["rejected_reward"] == pytest.approx(0, abs=1e-6)
     folder = checkpoint.latest_checkpoint(tmp_path) / ("reward_model" if loop == "rm" else "policy")
     assert (folder / "adapter_config.json").is_file()
-    weights = peft.utils.load_peft_weights(str(folder))
-    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in weights.items())  # it trained
+    weights = assert_adapter_trained(folder)
     if loop == "rm":  # the score head is trained in full and saved beside the adapter
         assert any("score" in k for k in weights)
     else:
