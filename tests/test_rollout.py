@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastppo
-from fastppo.trainer import data, offline, ppo, rollout, runtime, tiny
+from fastppo.trainer import data, layout, offline, passes, ppo, rollout, runtime, sampling, tiny
 from fastppo.trainer.config import PPOConfig
 
 CPU = torch.device("cpu")
@@ -15,13 +15,19 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("loop_backend")
 
 
+def generate(model, tokenizer, prompts, device, *, max_new_tokens, temperature, top_p=1.0, logprobs=False):
+    """The hf engine on ``model``: one response per prompt."""
+    settings = sampling.SamplingSettings(max_new_tokens, temperature, top_p, logprobs)
+    return sampling.sample(sampling.HFSampler(model, tokenizer), tokenizer, prompts, settings, device)
+
+
 def collect(cfg, models, prompts, seed=1):
     tokenizer, policy, reference, critic = models
     torch.manual_seed(seed)
+    settings = sampling.SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     return rollout.collect(
-        policy, reference, critic, tokenizer, prompts, tiny.echo_reward, CPU, group_size=cfg.group_size,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
-        padding_free=cfg.padding_free,
+        policy, reference, critic, sampling.HFSampler(policy, tokenizer), tokenizer, prompts,
+        tiny.echo_reward, CPU, group_size=cfg.group_size, settings=settings, padding_free=cfg.padding_free,
     )  # fmt: skip
 
 
@@ -34,27 +40,27 @@ def test_token_logprobs_of_equals_full_logits():
     model = tiny.build_policy(tokenizer, seed=0)
     torch.manual_seed(1)
     prompts = tiny.synthetic_prompts(12, seed=3)
-    samples = rollout.generate(model, tokenizer, prompts, CPU, max_new_tokens=6, temperature=0.7)
+    samples = generate(model, tokenizer, prompts, CPU, max_new_tokens=6, temperature=0.7)
     mask, P = samples.response_mask, samples.sequences.shape[1] - samples.response_mask.shape[1]
     assert mask.sum(1).unique().numel() > 1  # responses of different lengths: padding is exercised
     full = model(input_ids=samples.sequences, attention_mask=samples.attention_mask,
-                 position_ids=rollout.position_ids(samples.attention_mask)).logits[:, P - 1 : -1]  # fmt: skip
+                 position_ids=layout.position_ids(samples.attention_mask)).logits[:, P - 1 : -1]  # fmt: skip
     labels = torch.where(mask, samples.sequences[:, P:], -100)
     want_logp, want_entropy = fastppo.token_logprobs(full, labels, temperature=0.7, return_entropy=True)
     (want_logp[mask].sum() + want_entropy[mask].sum()).backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
-    assert rollout.head_runs_last(model)
+    assert passes.head_runs_last(model)
     for padding_free, fused in ((False, True), (True, True), (False, False), (True, False)):
         model.zero_grad()
         tokens = samples.tokens(padding_free)
-        logp, entropy = rollout.token_logprobs_of(model, tokens, temperature=0.7, entropy=True, fused=fused)
+        logp, entropy = passes.token_logprobs_of(model, tokens, temperature=0.7, entropy=True, fused=fused)
         torch.testing.assert_close(logp, want_logp[mask], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(entropy, want_entropy[mask], atol=2e-5, rtol=1e-5)
         (logp.sum() + entropy.sum()).backward()
         for got, want in zip((p.grad for p in model.parameters()), want_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     next_labels = torch.nn.functional.pad(labels, (P - 1, 1), value=-100)
-    plain = rollout.TokenBatch.build(
+    plain = layout.TokenBatch.build(
         samples.sequences, samples.attention_mask, next_labels, padding_free=False
     )
     logits = plain.select(model(**plain.inputs).logits)
@@ -157,7 +163,7 @@ def test_sequence_logprobs_padding_free_equals_padded():
 
 
 def test_sampler_logprobs_are_what_generation_drew_with():
-    """generate(sampler_logprobs=True) records, per sampled token, the log-prob under the distribution
+    """generate(logprobs=True) records, per sampled token, the log-prob under the distribution
     it was drawn from: the trainer's log-prob at the same temperature (up to the KV cache's rounding)
     with top_p 1, the nucleus-renormalised one (higher) with top_p < 1. Recording changes no sample."""
     tokenizer = tiny.build_tokenizer()
@@ -166,14 +172,14 @@ def test_sampler_logprobs_are_what_generation_drew_with():
     for top_p in (1.0, 0.8):
         torch.manual_seed(2)
         options = dict(max_new_tokens=7, temperature=0.7, top_p=top_p)
-        samples = rollout.generate(model, tokenizer, prompts, CPU, sampler_logprobs=True, **options)
+        samples = generate(model, tokenizer, prompts, CPU, logprobs=True, **options)
         torch.manual_seed(2)
-        plain = rollout.generate(model, tokenizer, prompts, CPU, **options)
+        plain = generate(model, tokenizer, prompts, CPU, **options)
         assert torch.equal(samples.sequences, plain.sequences) and plain.sampler_logp is None
         mask = samples.response_mask
         assert samples.sampler_logp.shape == mask.shape and (samples.sampler_logp[~mask] == 0).all()
         with torch.no_grad():
-            trainer, _ = rollout.token_logprobs_of(model, samples.tokens(False), temperature=0.7)
+            trainer, _ = passes.token_logprobs_of(model, samples.tokens(False), temperature=0.7)
         sampler = samples.sampler_logp[mask]
         assert torch.isfinite(sampler).all() and (sampler <= 0).all()
         if top_p == 1.0:

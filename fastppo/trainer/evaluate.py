@@ -23,11 +23,13 @@ import torch
 from transformers import AutoTokenizer
 
 import fastppo
-from fastppo.trainer import lora, runtime, tiny
+from fastppo.trainer import lora, runtime, sampling, tiny
 from fastppo.trainer.data import read_rows
 from fastppo.trainer.errors import UsageError
 from fastppo.trainer.hub import check_model
-from fastppo.trainer.rollout import generate, load_reward, to_padded, token_logprobs_of
+from fastppo.trainer.layout import to_padded
+from fastppo.trainer.passes import token_logprobs_of
+from fastppo.trainer.rewards import load_reward
 
 
 def _help(text: str, **kwargs):
@@ -213,13 +215,14 @@ def respond(model, tokenizer, prompts: list[str], reward_fn, reference, cfg: Eva
     ``reward_fn`` and, when ``reference`` is given, their KL to it."""
     runtime.seed_everything(cfg.seed)  # the same draws for every model: a paired comparison
     tau = cfg.temperature if cfg.temperature > 0 else 1.0
+    sampler = sampling.HFSampler(model, tokenizer)
+    settings = sampling.SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     run = Responses([], [], [], [] if reference is not None else None)
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        samples = generate(model, tokenizer, chunk, device, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature)  # fmt: skip
+        samples = sampling.sample(sampler, tokenizer, chunk, settings, device)
         mask = samples.response_mask  # (B, R)
-        out = samples.sequences[:, -mask.shape[1] :]  # (B, R)
+        out = samples.responses  # (B, R)
         run.texts += samples.texts
         run.scores += [float(s) for s in reward_fn(chunk, samples.texts)]
         run.tokens += [row[m].tolist() for row, m in zip(out, mask, strict=True)]

@@ -91,7 +91,7 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 
 class AdapterDisabled:
     """Stands for the reference: ``peft_model``'s forward with its adapter disabled, i.e. the frozen
-    base model. Holds no weights of its own; ``rollout.token_logprobs_of`` reads log-probs through
+    base model. Holds no weights of its own; ``passes.token_logprobs_of`` reads log-probs through
     it as through any causal LM (the fused lm_head path included), always without gradients."""
 
     def __init__(self, peft_model):

@@ -27,8 +27,9 @@ import fastppo
 from fastppo.trainer import checkpoint, data, lora, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.errors import Interrupted
+from fastppo.trainer.layout import TokenBatch
 from fastppo.trainer.metrics import MetricsWriter
-from fastppo.trainer.rollout import TokenBatch, token_logprobs_of
+from fastppo.trainer.passes import token_logprobs_of
 
 
 def load_tokenizer(cfg: OfflineConfig):
@@ -56,7 +57,7 @@ def sequence_logprobs(
     model, batch: dict, padding_free: bool | None = None, fused: bool = True
 ) -> torch.Tensor:
     """(B,) log-probability of each row's response tokens (``labels`` != -100): a sum of token
-    log-probs, through the loops' one model-to-log-probs path (``rollout.token_logprobs_of``).
+    log-probs, through the loops' one model-to-log-probs path (``passes.token_logprobs_of``).
 
     ``padding_free`` (default: when the model runs flash-attn's ``flash_attention_2``) packs the
     rows' real tokens into one row, position ids restarting at each sequence, so that no compute

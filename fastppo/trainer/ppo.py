@@ -1,12 +1,13 @@
-"""PPO and the critic-free presets (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO) on Hugging Face
+"""PPO and the critic-free presets (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO, GSPO, CISPO) on Hugging Face
 causal LMs, top to bottom:
 
-    run = set_up(cfg)                            models, prompts, reward, optimizer; resume
+    run = set_up(cfg)                            models, prompts, reward, optimizer, sampler; resume
     for every iteration:
-        rollout = collect(...)                   generate, score, log-probs, values    (rollout.py)
+        rollout = collect(...)                   generate (run.sampler), score, log-probs, values
         rollout = with_advantages(...)           cfg.advantage's estimator             (algorithms.py)
         totals = update(run, batch)              ppo_epochs × mini-batches × micro-batches, cfg.policy_loss
-        record metrics, adapt the KL coefficient, save
+        run.sampler.sync(run.policy)             the engine samples from the new weights (sampling/)
+        record metrics and time per phase, adapt the KL coefficient, save
 
 Where the KL goes (``kl_in``), what the estimator needs (a critic, groups) and how the loss is
 computed are read from the registries in ``algorithms.py``; nothing here branches on the preset.
@@ -29,13 +30,15 @@ from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, 
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import algorithms, checkpoint, lora, runtime, tiny
+from fastppo.trainer import algorithms, checkpoint, lora, runtime, sampling, timing, tiny
 from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs
 from fastppo.trainer.config import PPOConfig
 from fastppo.trainer.data import read_rows
-from fastppo.trainer.errors import Interrupted, UsageError
+from fastppo.trainer.errors import EngineError, Interrupted, UsageError
 from fastppo.trainer.metrics import MetricsWriter
-from fastppo.trainer.rollout import Rollout, collect, load_reward, token_logprobs_of, values_of
+from fastppo.trainer.passes import token_logprobs_of, values_of
+from fastppo.trainer.rewards import load_reward
+from fastppo.trainer.rollout import Rollout, collect
 
 # --------------------------------------------------------------------------------------------
 # Set-up and resume.
@@ -50,7 +53,7 @@ def load_models(cfg: PPOConfig, attention: str):
     The critic is always trained in full. ``gradient_checkpointing``: on in the policy and critic."""
     if cfg.policy is None:
         tokenizer = tiny.build_tokenizer()
-        policy = tiny.build_policy(tokenizer, cfg.seed, attention)
+        policy = tiny.build_policy(tokenizer, cfg.seed, attention, tiny.head_dim_for(cfg.rollout_engine))
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
         policy = AutoModelForCausalLM.from_pretrained(cfg.policy, attn_implementation=attention)
@@ -65,7 +68,7 @@ def load_models(cfg: PPOConfig, attention: str):
     critic = None
     if ADVANTAGES[cfg.advantage].needs_critic:
         if cfg.critic is None and cfg.policy is None:
-            critic = tiny.build_critic(tokenizer, cfg.seed, attention)
+            critic = tiny.build_critic(tokenizer, cfg.seed, attention, tiny.head_dim_for(cfg.rollout_engine))
         else:
             critic = AutoModelForTokenClassification.from_pretrained(
                 cfg.critic or cfg.policy, num_labels=1, attn_implementation=attention
@@ -111,6 +114,7 @@ class Run:
     kl_coef: float
     start: int  # iterations done before this process started (resume)
     nonfinite: runtime.NonFiniteSteps
+    sampler: sampling.Sampler | None = None  # the rollout engine (cfg.rollout_engine)
 
     @property
     def trained(self) -> dict[str, torch.nn.Module]:
@@ -181,6 +185,7 @@ def set_up(cfg: PPOConfig, log) -> Run:
         log(f"resumed from {last} at iteration {run.start}")
     if distributed.enabled:  # every rank samples its own prompts and responses
         runtime.seed_everything(cfg.seed + 1000 * distributed.rank + run.start)
+    run.sampler = sampling.build(cfg, run, log)  # an engine starts from the trainer's weights
     return run
 
 
@@ -188,14 +193,22 @@ def set_up(cfg: PPOConfig, log) -> Run:
 # One iteration: rollout → advantages → update.
 
 
-def sample_rollout(run: Run) -> Rollout:
+def sampling_settings(cfg: PPOConfig, sampler: sampling.Sampler) -> sampling.SamplingSettings:
+    """The sampler's log-probs are kept for rollout correction, and whenever the sampler is not the
+    policy itself (they measure how far its distribution is from the trainer's)."""
+    return sampling.SamplingSettings(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        logprobs=cfg.rollout_is != "off" or not sampler.is_policy,
+    )  # fmt: skip
+
+
+def sample_rollout(run: Run, phases=None) -> Rollout:
     cfg = run.cfg
     prompts = random.sample(run.prompts, min(run.prompts_per_iteration, len(run.prompts)))
     return collect(
-        run.policy, run.reference, run.critic, run.tokenizer, prompts, run.reward_fn, run.device,
-        group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, padding_free=cfg.padding_free, fused=cfg.fused_lm_head,
-        sampler_logprobs=cfg.rollout_is != "off",
+        run.policy, run.reference, run.critic, run.sampler, run.tokenizer, prompts, run.reward_fn,
+        run.device, group_size=cfg.group_size, settings=sampling_settings(cfg, run.sampler),
+        padding_free=cfg.padding_free, fused=cfg.fused_lm_head, phases=phases or timing.Phases(run.device),
     )  # fmt: skip
 
 
@@ -273,14 +286,14 @@ def micro_batch_losses(
     return loss, policy_sum.detach() / normaliser, value_loss.detach(), stats
 
 
-#: Statistics of the policy loss averaged over micro-batches into the iteration's metrics (the
-#: rollout-correction ones with rollout_is).
+#: Statistics of the policy loss averaged over micro-batches into the iteration's metrics (with
+#: rollout_is also the fraction of tokens its weights truncated or masked; the weights themselves
+#: are measured over the whole rollout, ``sampler_metrics``).
 LOSS_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "approx_kl_k3", "entropy")
-ROLLOUT_STATS = ("is_weight_mean", "is_filtered", "rollout_kl", "rollout_kl_k3")
 
 
 def loss_stats(cfg: PPOConfig) -> tuple[str, ...]:
-    return LOSS_STATS + (ROLLOUT_STATS if cfg.rollout_is != "off" else ())
+    return LOSS_STATS + (("is_filtered",) if cfg.rollout_is != "off" else ())
 
 
 def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
@@ -351,6 +364,26 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - (r - v).var(unbiased=False) / var) if var > 0 else float("nan")
 
 
+#: π_trainer/π_sampler outside this band counts in ``is_ratio_outside``: the tail a mean hides.
+RATIO_BAND = (0.8, 1.25)
+
+
+def sampler_metrics(rollout: Rollout) -> dict:
+    """How far the sampler's distribution is from the trainer's π_old over the rollout's tokens:
+    ``rollout_kl`` mean of (log π_sampler − log π_old) (k1), ``rollout_kl_k3``, ``is_weight_mean``
+    mean of π_old/π_sampler (before any truncation) and ``is_ratio_outside``, the fraction of
+    tokens whose ratio lies outside ``RATIO_BAND``."""
+    m = rollout.response_mask
+    d = (rollout.rollout_logp - rollout.old_logp)[m]
+    ratio = torch.exp(-d)
+    outside = (ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])
+    k3 = fastppo.kl_penalty(rollout.rollout_logp[m], rollout.old_logp[m], "k3")
+    values = torch.stack([d.mean(), k3.mean(), ratio.mean(), outside.float().mean()]).tolist()
+    return dict(
+        zip(("rollout_kl", "rollout_kl_k3", "is_weight_mean", "is_ratio_outside"), values, strict=True)
+    )
+
+
 def rollout_metrics(rollout: Rollout) -> dict:
     lengths = rollout.response_mask.sum(1).float()
     metrics = {
@@ -363,22 +396,39 @@ def rollout_metrics(rollout: Rollout) -> dict:
         metrics["explained_variance"] = explained_variance(
             rollout.values, rollout.returns, rollout.response_mask
         )
+    if rollout.rollout_logp is not None and rollout.response_mask.any():
+        metrics |= sampler_metrics(rollout)
     return metrics
 
 
 def iterate(run: Run, iteration: int) -> dict:
-    """One iteration; returns its metrics (averaged over ranks)."""
+    """One iteration; returns its metrics (averaged over ranks), with the seconds of each phase."""
     started = time.time()
-    rollout = sample_rollout(run)
+    phases = timing.Phases(run.device)
+    rollout = sample_rollout(run, phases)
+    run.sampler.sleep()  # an engine's memory goes back to the update
     keep = kept_for_update(run.cfg, rollout)
     rollout = with_advantages(run.cfg, rollout, keep, run.kl_coef)
-    local = rollout_metrics(rollout) | update(run, rollout.select(keep), iteration)
+    local = rollout_metrics(rollout)
+    with phases("update"):
+        local |= update(run, rollout.select(keep), iteration)
+    run.sampler.wake()
     local["updated_fraction"] = local.pop("updated_sequences") / len(rollout)
+    local["generate/tokens_per_s"] = float(rollout.response_mask.sum()) / max(
+        phases.seconds["generate"], 1e-9
+    )
     record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, run.device, run.distributed)}
     if run.cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), the same on every rank
         error = max(min(record["kl"] / run.cfg.kl_target - 1, 0.2), -0.2)
         run.kl_coef *= 1 + error * len(rollout) * run.distributed.world_size / run.cfg.kl_horizon
-    return record | {"kl_coef": run.kl_coef, "seconds": time.time() - started}
+    record |= {"kl_coef": run.kl_coef}
+    try:
+        with phases("sync"):  # the engine samples the next iteration from the updated weights
+            run.sampler.sync(run.policy)
+    except EngineError as exc:  # the update is done: the checkpoint on the way out keeps it
+        exc.updated, exc.record = True, record | phases.record()
+        raise
+    return record | phases.record() | {"seconds": time.time() - started}
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,8 +453,24 @@ def save(run: Run, iteration: int) -> None:
         torch.distributed.barrier()
 
 
-def finish(run: Run, log) -> None:
-    if not run.cfg.fsdp:  # sharded weights differ across ranks by design
+def stop_on_engine_error(run: Run, exc: EngineError, done: int, metrics, history: list) -> int:
+    """Keep what the run has when its rollout engine fails: the failed iteration's metrics when its
+    update was done, and a checkpoint there (one process: under torchrun the other ranks are not
+    stopping with it, so the periodic checkpoints are what resume finds). Returns the iterations
+    done and puts the checkpoint and the resume hint on ``exc``."""
+    if exc.updated and exc.record is not None:
+        history.append(exc.record)
+        metrics.write(exc.record, step=done + 1)
+        done += 1
+    exc.checkpoint, exc.started = None, True
+    if not run.distributed.enabled and done > run.start:
+        save(run, done)
+        exc.checkpoint = str(run.out / f"checkpoint-{done}")
+    return done
+
+
+def finish(run: Run, log, check: bool = True) -> None:
+    if check and not run.cfg.fsdp:  # sharded weights differ across ranks by design
         for model in run.trained.values():
             runtime.check_in_sync(model, run.device, run.distributed)
         if run.distributed.enabled:
@@ -412,7 +478,9 @@ def finish(run: Run, log) -> None:
     # DDP's reducer and FSDP's sharded parameters hold the process group: let them go first, so the
     # group is torn down below, with every rank present, and not by their destructors at
     # interpreter exit, when a peer may be gone and gloo's threads wait for it.
-    run.policy = run.critic = run.reference = run.optimizer = run.scheduler = None
+    if run.sampler is not None:
+        run.sampler.close()
+    run.policy = run.critic = run.reference = run.optimizer = run.scheduler = run.sampler = None
     gc.collect()
     runtime.finish_distributed(run.distributed)
 
@@ -443,9 +511,17 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     )
     with stopping as stop:
         for iteration in bar:
-            record = iterate(run, iteration)
+            try:
+                record = iterate(run, iteration)
+            except EngineError as exc:
+                done = stop_on_engine_error(run, exc, done, metrics, history)
+                bar.close()
+                metrics.close()
+                finish(run, log, check=False)
+                raise
             history.append(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}",
+                            time=timing.split_line(record))  # fmt: skip
             metrics.write(record, step=iteration + 1)
             done = iteration + 1
             signum = stop.requested(run.device, run.distributed)

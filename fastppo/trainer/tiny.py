@@ -23,6 +23,11 @@ from transformers import (
 )
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+#: Attention head size of the default models: 16 (4 heads, 2 KV heads). vLLM's CPU attention takes
+#: head sizes of 32 and up, so a run sampling with vLLM builds them with 32 (2 heads, 1 KV head):
+#: the same 76,352 parameters, the same hidden size, the same task.
+HEAD_DIM = 16
+VLLM_HEAD_DIM = 32
 CHARS = list(string.ascii_lowercase) + [":", " "]
 RESPONSE_CHARS = 8
 
@@ -38,16 +43,22 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def head_dim_for(engine: str) -> int:
+    """The default models' head size for a rollout engine (``--rollout_engine``)."""
+    return HEAD_DIM if engine == "hf" else VLLM_HEAD_DIM
+
+
 def model_config(
-    tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, layers: int = 2
+    tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, layers: int = 2, head_dim: int = HEAD_DIM
 ) -> Qwen2Config:
+    heads = hidden_size // head_dim
     return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1),
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -56,15 +67,20 @@ def model_config(
     )
 
 
-def build_policy(tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa") -> torch.nn.Module:
+def build_policy(
+    tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa", head_dim: int = HEAD_DIM
+) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(model_config(tokenizer), attn_implementation=attention)
+    config = model_config(tokenizer, head_dim=head_dim)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
 
 
-def build_critic(tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa") -> torch.nn.Module:
+def build_critic(
+    tokenizer: PreTrainedTokenizerFast, seed: int, attention: str = "sdpa", head_dim: int = HEAD_DIM
+) -> torch.nn.Module:
     """A value head on a causal-LM backbone: one output per token."""
     torch.manual_seed(seed + 1)
-    config = model_config(tokenizer)
+    config = model_config(tokenizer, head_dim=head_dim)
     config.num_labels = 1
     return AutoModelForTokenClassification.from_config(config, attn_implementation=attention)
 
