@@ -229,7 +229,7 @@ def train_command(algo: str, argv: list[str]) -> int:
                   f"  {_resume_hint(algo, argv)}", file=sys.stderr)  # fmt: skip
         return 128 + stop.signal_number
     if algo not in OFFLINE:
-        if history:
+        if history and _is_main_process():
             from fastppo.trainer.timing import PHASES, split_line
 
             first, last = history[0]["reward"], history[-1]["reward"]

