@@ -58,9 +58,7 @@ class ServerSampler(EngineSampler):
         try:
             return self._request(path, method="GET", timeout=30)
         except (urllib.error.URLError, OSError) as exc:
-            raise EngineError(
-                f"{self.url} does not answer ({_reason(exc)})"
-            ) from exc
+            raise EngineError(f"{self.url} does not answer ({_reason(exc)})") from exc
 
     def _rpc(self, method: str, **kwargs):
         return self._request("/collective_rpc", {"method": method, "kwargs": kwargs})["results"][0]
