@@ -275,7 +275,7 @@ def eval_command(argv: list[str]) -> int:
 
     from transformers import HfArgumentParser
 
-    from fastppo.trainer.errors import UsageError
+    from fastppo.trainer.errors import EngineError, UsageError
     from fastppo.trainer.evaluate import EvalConfig, evaluate, format_table
 
     parser = HfArgumentParser(EvalConfig, prog="fastppo eval")
@@ -283,7 +283,11 @@ def eval_command(argv: list[str]) -> int:
     if unknown:
         flags = [a for a in parser._option_string_actions if a.startswith("--")]
         raise UsageError(f"unknown flag {unknown[0]}{_did_you_mean(unknown[0], flags)}; see --help")
-    result = evaluate(cfg, log=print)
+    try:
+        result = evaluate(cfg, log=print)
+    except EngineError as failed:  # the engine died or the server went away mid-evaluation
+        print(f"fastppo eval: {failed}", file=sys.stderr)
+        return 1
     print(f"A: {cfg.policy}" + (f"\nB: {cfg.baseline}" if cfg.baseline else ""))
     both = " for both" if cfg.baseline else ""
     print(f"reference: {cfg.reference or 'none (no KL)'}; sampling seed {cfg.seed}{both}\n")

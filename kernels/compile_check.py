@@ -146,12 +146,17 @@ class LaunchRecorder:
             self._original = None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the launches as JSON, merged with those already in ``path``."""
+        """Write the launches as JSON, merged with those already in ``path``; under a lock, since
+        parallel test workers (pytest -n) each save theirs into the same file as they finish."""
+        import fcntl
+
         path = Path(path)
-        launches = {launch_key(x): x for x in load_launches(path)} if path.exists() else {}
-        launches.update(self.launches)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sorted(launches.values(), key=launch_key), indent=1))
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            launches = {launch_key(x): x for x in load_launches(path)} if path.exists() else {}
+            launches.update(self.launches)
+            path.write_text(json.dumps(sorted(launches.values(), key=launch_key), indent=1))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,11 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the cores shared out, not oversubscribed
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # the processes the tests start
+
 import pytest  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"

@@ -36,7 +36,7 @@ def test_wheel_layout_and_import(tmp_path):
     # Build from a clean copy: setuptools would otherwise reuse (and leave behind) ROOT/build.
     src = tmp_path / "src"
     junk = (
-        ".venv",
+        ".venv*",
         "build",
         ".git",
         "*.so",

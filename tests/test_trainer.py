@@ -85,13 +85,15 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.load_trainer_state(last)["iteration"] == 2
 
 
-def nan_reward(prompts, responses):
-    return [float("nan")] * len(prompts)
+def overflowing_reward(prompts, responses):
+    """Finite scores whose squares overflow fp32: the critic's value loss, and so its gradient, is
+    inf. (A NaN reward no longer gets there: it scores 0 and is counted, tests/test_rewards.py.)"""
+    return [1e30 * (i % 2) for i in range(len(prompts))]
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     cfg = PPOConfig(
-        iterations=3, output_dir=str(tmp_path), reward=f"{__name__}:nan_reward", max_nonfinite_steps=2
+        iterations=3, output_dir=str(tmp_path), reward=f"{__name__}:overflowing_reward", max_nonfinite_steps=2
     )
     with (
         pytest.warns(UserWarning, match="non-finite gradient, step skipped"),

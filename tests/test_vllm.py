@@ -10,6 +10,7 @@ about 20 s to start); whole runs start their own, as a user's would.
 
 import json
 import os
+import re
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is half the memory
@@ -24,8 +25,8 @@ import processes  # noqa: E402
 import torch  # noqa: E402
 from transformers import TopPLogitsWarper  # noqa: E402
 
-from fastppo.trainer import lora, passes, tiny  # noqa: E402
-from fastppo.trainer.errors import EngineError, UsageError  # noqa: E402
+from fastppo.trainer import evaluate, lora, passes, tiny  # noqa: E402
+from fastppo.trainer.errors import EngineError  # noqa: E402
 from fastppo.trainer.sampling import HFSampler, SamplingSettings, sample, vllm_engine, weights  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -69,19 +70,21 @@ def draw(sampler, tokenizer, prompts, **settings):
 
 
 def test_engine_follows_the_trainer_through_updates(in_step):
-    """Three real updates (SGD on the log-probs of the engine's own samples): after each sync the
-    engine's greedy responses equal transformers' generate on the trainer's weights, and the
-    log-probs it drew its samples with equal the trainer's fp32 log-probs within LOGPROB_ATOL."""
+    """Three real updates (SGD on the mean log-prob of the engine's own samples): after each sync
+    the engine's greedy responses equal transformers' generate on the trainer's weights, and the
+    log-probs it drew its samples with equal the trainer's fp32 log-probs within LOGPROB_ATOL.
+    (The mean, not the sum: at lr 2 the sum's steps moved log-probs by ~400 and collapsed the
+    policy to log-probs of exactly 0 by the third, where nothing moves.)"""
     policy, tokenizer, sampler = in_step
     prompts = tiny.synthetic_prompts(16, seed=5)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=2.0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
     greedy_runs = []
     for _ in range(3):
         samples = draw(sampler, tokenizer, prompts, max_new_tokens=8, temperature=1.0, logprobs=True)
         logp, _ = passes.token_logprobs_of(policy, samples.tokens(False), temperature=1.0)
         drawn = samples.sampler_logp[samples.response_mask]
         torch.testing.assert_close(drawn, logp.detach(), atol=LOGPROB_ATOL, rtol=0)
-        (-logp.sum()).backward()
+        (-logp.mean()).backward()
         optimizer.step()
         optimizer.zero_grad()
         moved, _ = passes.token_logprobs_of(policy, samples.tokens(False), temperature=1.0)
@@ -180,11 +183,62 @@ def test_lora_is_merged_and_pushed(in_step):
 
 
 def test_a_model_vllm_cannot_load_is_one_line(tmp_path):
+    """As a user meets it, in a process of its own: a second engine in this process would tear
+    down the process-wide parallel groups the shared engine runs on when it fails."""
     tokenizer = tiny.build_tokenizer()
-    tiny.build_policy(tokenizer, seed=0, head_dim=16).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(UsageError, match="vLLM cannot load .*head_dim=16"):
-        vllm_engine.start_llm(str(tmp_path), gpu=False, seed=0)
+    tiny.build_policy(tokenizer, seed=0, head_dim=16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    proc = processes.run(
+        [*processes.CLI, "train", "grpo", "--rollout_engine", "vllm", "--policy", str(tmp_path / "m"),
+         "--iterations", "1", "--output_dir", str(tmp_path / "run"), "--report_to", "none"],
+        tmp_path, timeout=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"fastppo train grpo: rollout_engine vllm: vLLM cannot load .*head_dim=16", last), last
+
+
+def eval_models(folder) -> dict[str, str]:
+    """Three models of the embedded default at vLLM's head size: A, B and their reference, with
+    their layers' output projections scaled up 10×, so that greedy answers depend on the prompt
+    (at init the tied embeddings make every one the prompt's last character, repeated)."""
+    tokenizer = tiny.build_tokenizer()
+    paths = {}
+    for name, seed in (("a", 0), ("b", 1), ("ref", 2)):
+        model = tiny.build_policy(tokenizer, seed=seed, head_dim=tiny.VLLM_HEAD_DIM)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if key.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.mul_(10.0)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+def test_eval_through_the_engine_answers_as_hf(tmp_path):
+    """`fastppo eval --rollout_engine vllm`, greedy: one engine answers for both models (each pushed
+    and verified in its turn) with transformers' responses, so the table is hf's: every metric of
+    the responses equal, the KL (the same models on the same tokens) to 1e-5."""
+    paths = eval_models(tmp_path)
+    options = dict(policy=paths["a"], baseline=paths["b"], reference=paths["ref"], temperature=0.0,
+                   n_prompts=32, plot="none")  # fmt: skip
+    argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    proc = processes.run(
+        [*processes.CLI, "eval", *argv, "--rollout_engine", "vllm", "--output", str(tmp_path / "vllm.json")],
+        tmp_path, timeout=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rollout engine: vLLM" in proc.stdout
+    got = json.loads((tmp_path / "vllm.json").read_text())
+    want = evaluate.evaluate(evaluate.EvalConfig(**options))
+    for part in ("policy", "baseline", "difference"):
+        kl = got[part].pop("kl_to_reference"), want[part].pop("kl_to_reference")
+        assert kl[0] == pytest.approx(kl[1], rel=1e-5, abs=1e-7)
+        assert got[part] == want[part], part
+    assert got["policy"] != got["baseline"]  # two models, two sets of answers
+    assert got["policy"]["distinct_1"] > 0.02  # not one token everywhere (1/256)
+    assert got["win_rate"] == want["win_rate"]
 
 
 # --------------------------------------------------------------------------------------------

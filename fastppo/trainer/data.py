@@ -9,6 +9,7 @@ labels.
 import json
 import random
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,10 +47,11 @@ def _parquet_rows(path: str) -> list[tuple[int, object]]:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def read_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
+def read_rows(path: str, fields: tuple[str, ...], keep_all: bool = False) -> list[dict]:
     """Rows of a JSONL file (one JSON object per line) or a Parquet file (needs pyarrow), keeping
-    ``fields``. A missing file, a line that is not JSON, a row without one of ``fields`` or with a
-    non-text value is a ``UsageError`` naming the file and the row (its line, for JSONL)."""
+    ``fields`` (``keep_all``: every column). A missing file, a line that is not JSON, a row without
+    one of ``fields`` or with a non-text value there is a ``UsageError`` naming the file and the row
+    (its line, for JSONL)."""
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such file")
     parquet = str(path).endswith(".parquet")
@@ -64,10 +66,36 @@ def read_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
         missing = [k for k in fields if not isinstance(row.get(k), str)]
         if missing:
             raise UsageError(f"{path}: row {number}: missing or non-text fields {missing}")
-        rows.append({k: row[k] for k in fields})
+        rows.append(dict(row) if keep_all else {k: row[k] for k in fields})
     if not rows:
         raise UsageError(f"{path}: no rows")
     return rows
+
+
+@dataclass
+class PromptRows:
+    """The PPO family's data: each row's prompt, and every other column of the rows, row-aligned
+    (a row without a column others have holds None there), for the reward."""
+
+    prompts: list[str]  # (N,)
+    columns: dict[str, list] = field(default_factory=dict)  # each (N,)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "PromptRows":
+        names = list(dict.fromkeys(k for row in rows for k in row if k != "prompt"))
+        return cls([row["prompt"] for row in rows], {k: [row.get(k) for row in rows] for k in names})
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: list[int]) -> tuple[list[str], dict[str, list]]:
+        """The prompts and columns of the rows ``index``, in that order."""
+        return [self.prompts[i] for i in index], {k: [v[i] for i in index] for k, v in self.columns.items()}
+
+
+def read_prompt_rows(path: str) -> PromptRows:
+    """A prompt file's rows whole: a text ``prompt`` in each, any other columns beside it."""
+    return PromptRows.from_rows(read_rows(path, ("prompt",), keep_all=True))
 
 
 def synthetic_sft(n: int, seed: int) -> list[dict]:

@@ -24,12 +24,13 @@ from transformers import AutoTokenizer
 
 import fastppo
 from fastppo.trainer import lora, runtime, sampling, tiny
-from fastppo.trainer.data import read_rows
-from fastppo.trainer.errors import UsageError
+from fastppo.trainer.config import check_engine_fields
+from fastppo.trainer.data import PromptRows, read_prompt_rows
+from fastppo.trainer.errors import EngineError, UsageError
 from fastppo.trainer.hub import check_model
 from fastppo.trainer.layout import to_padded
 from fastppo.trainer.passes import token_logprobs_of
-from fastppo.trainer.rewards import load_reward
+from fastppo.trainer.rewards import Reward, load_reward
 
 
 def _help(text: str, **kwargs):
@@ -61,6 +62,18 @@ class EvalConfig:
     seed: int = _help("Seed of the sampling, the same for both models (synthetic prompts use it too).",
                       default=1234)  # fmt: skip
     device: str = _help("'auto', 'cpu' or 'cuda[:i]'.", default="auto")
+    rollout_engine: str = _help(
+        "What samples the responses, as in training: 'hf', 'vllm' (one engine in this process for "
+        "every model: each model's weights are pushed into it, verified, before it answers) or "
+        "'vllm-server' (a `fastppo vllm-serve` server at --vllm_server_url, fed the same way).",
+        default="hf",
+    )
+    vllm_server_url: str | None = _help(
+        "With rollout_engine vllm-server: the server's address.", default=None
+    )
+    vllm_gpu_memory_utilization: float = _help(
+        "With rollout_engine vllm on a GPU: the fraction of its memory the engine may take.", default=0.3
+    )
     output: str | None = _help("Also write the results to this JSON file.", default=None)
     plot: str | None = _help(
         "Draw the metrics into this PNG (needs matplotlib; default: --output with .png, if given; "
@@ -86,6 +99,7 @@ class EvalConfig:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.temperature < 0:
             raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        check_engine_fields(self.rollout_engine, self.vllm_server_url, self.vllm_gpu_memory_utilization)
         if self.plot is None and self.output is not None:
             self.plot = str(Path(self.output).with_suffix(".png"))
         if self.plot is not None and self.plot.lower() in ("", "none"):
@@ -201,30 +215,65 @@ def load_model(arg: str, path: str, device: torch.device):
     return tokenizer, model.to(device).eval()
 
 
-def load_prompts(cfg: EvalConfig) -> list[str]:
-    """The first ``n_prompts`` of ``--prompts`` (JSONL or Parquet, read as training reads them), or
-    synthetic prompts of the echo task drawn with the eval seed (training draws with its own)."""
+def load_prompts(cfg: EvalConfig) -> PromptRows:
+    """The first ``n_prompts`` rows of ``--prompts`` (JSONL or Parquet, read whole as training reads
+    them), or synthetic prompts of the echo task drawn with the eval seed (training draws with its
+    own)."""
     if cfg.prompts is None:
-        return tiny.synthetic_prompts(cfg.n_prompts, cfg.seed)
-    return [row["prompt"] for row in read_rows(cfg.prompts, ("prompt",))[: cfg.n_prompts]]
+        return PromptRows(tiny.synthetic_prompts(cfg.n_prompts, cfg.seed))
+    rows = read_prompt_rows(cfg.prompts)
+    return PromptRows(*rows.take(list(range(min(cfg.n_prompts, len(rows))))))
+
+
+def start_engine(cfg: EvalConfig, path: str, tokenizer, device: torch.device, log) -> sampling.Sampler:
+    """The engine ``cfg.rollout_engine`` names, for every model of this evaluation: vLLM in this
+    process, built from ``path`` (an adapter's base for a LoRA folder), or the server's client."""
+    if cfg.rollout_engine == "vllm":
+        from fastppo.trainer.sampling import vllm_engine
+
+        source = lora.adapter_base(path) if lora.is_adapter_folder(path) else path
+        llm = vllm_engine.start_llm(source, gpu=device.type == "cuda", seed=cfg.seed,
+                                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)  # fmt: skip
+        log(f"rollout engine: vLLM {vllm_engine.vllm_version()} from {source}")
+        return vllm_engine.VLLMSampler(llm, tokenizer, verify_every=1, sleeps=False, log=log)
+    from fastppo.trainer.sampling import vllm_server
+
+    # The server reads each model's weights from this folder: the same machine or a shared filesystem.
+    sync_dir = Path(cfg.output).resolve().parent if cfg.output else Path.cwd()
+    return vllm_server.connect(cfg.vllm_server_url, tokenizer, sync_dir / "rollout-sync-eval", verify_every=1,
+                               log=log)  # fmt: skip
+
+
+def engine_serving(engine: sampling.Sampler, arg: str, model) -> sampling.Sampler:
+    """``engine`` holding ``model``'s weights (pushed and verified); another architecture or
+    vocabulary than the engine's is a ``UsageError`` naming ``arg``."""
+    engine.layout = None  # check the identity of every model, not only the first
+    try:
+        engine.sync(model)
+    except EngineError as exc:
+        raise UsageError(f"{arg}: {exc}") from None
+    return engine
 
 
 @torch.no_grad()
-def respond(model, tokenizer, prompts: list[str], reward_fn, reference, cfg: EvalConfig, device) -> Responses:
-    """``model``'s responses to ``prompts`` (N,), sampled after seeding with ``cfg.seed``, scored by
-    ``reward_fn`` and, when ``reference`` is given, their KL to it."""
+def respond(
+    sampler, model, tokenizer, prompts: PromptRows, reward: Reward, reference, cfg: EvalConfig, device
+) -> Responses:
+    """``model``'s responses to ``prompts`` (N rows), drawn by ``sampler`` (which samples ``model``)
+    after seeding with ``cfg.seed``, scored by ``reward`` (given the rows' columns) and, when
+    ``reference`` is given, their KL to it."""
     runtime.seed_everything(cfg.seed)  # the same draws for every model: a paired comparison
     tau = cfg.temperature if cfg.temperature > 0 else 1.0
-    sampler = sampling.HFSampler(model, tokenizer)
     settings = sampling.SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     run = Responses([], [], [], [] if reference is not None else None)
     for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start : start + cfg.batch_size]
+        chunk, columns = prompts.take(list(range(start, min(start + cfg.batch_size, len(prompts)))))
         samples = sampling.sample(sampler, tokenizer, chunk, settings, device)
         mask = samples.response_mask  # (B, R)
         out = samples.responses  # (B, R)
         run.texts += samples.texts
-        run.scores += [float(s) for s in reward_fn(chunk, samples.texts)]
+        columns["completion_ids"] = samples.response_ids()
+        run.scores += reward(chunk, samples.texts, columns).values
         run.tokens += [row[m].tolist() for row, m in zip(out, mask, strict=True)]
         if reference is not None:
             tokens = samples.tokens(padding_free=False)
@@ -237,32 +286,42 @@ def respond(model, tokenizer, prompts: list[str], reward_fn, reference, cfg: Eva
     return run
 
 
-def sample(cfg: EvalConfig) -> tuple[list[str], dict[str, Responses]]:
+def sample(cfg: EvalConfig, log=lambda message: None) -> tuple[list[str], dict[str, Responses]]:
     """The prompts (N,) and the per-prompt responses of "policy" (and "baseline" when given). The
-    models are loaded one at a time beside the reference; the reward takes the policy's tokenizer."""
+    models are loaded one at a time beside the reference; the reward takes the policy's tokenizer.
+    With a vLLM engine, one engine answers for both models, each pushed into it in its turn."""
     device = runtime.resolve_device(cfg.device)
     prompts = load_prompts(cfg)
     reference = None
     if cfg.reference:
         reference = load_model("reference", cfg.reference, device)[1]
-    runs, reward_fn = {}, None
-    for arg in ("policy", "baseline"):
-        path = getattr(cfg, arg)
-        if path is None:
-            continue
-        tokenizer, model = load_model(arg, path, device)
-        if reference is not None and reference.config.vocab_size != model.config.vocab_size:
-            raise UsageError(f"reference: a vocabulary of {reference.config.vocab_size} tokens, "
-                             f"{arg} has {model.config.vocab_size}")  # fmt: skip
-        reward_fn = reward_fn or load_reward(cfg.reward, tokenizer)
-        runs[arg] = respond(model, tokenizer, prompts, reward_fn, reference, cfg, device)
-        del model
-    return prompts, runs
+    runs, reward, engine = {}, None, None
+    try:
+        for arg in ("policy", "baseline"):
+            path = getattr(cfg, arg)
+            if path is None:
+                continue
+            tokenizer, model = load_model(arg, path, device)
+            if reference is not None and reference.config.vocab_size != model.config.vocab_size:
+                raise UsageError(f"reference: a vocabulary of {reference.config.vocab_size} tokens, "
+                                 f"{arg} has {model.config.vocab_size}")  # fmt: skip
+            reward = reward or load_reward(cfg.reward, tokenizer)
+            if cfg.rollout_engine == "hf":
+                sampler = sampling.HFSampler(model, tokenizer)
+            else:
+                engine = engine or start_engine(cfg, path, tokenizer, device, log)
+                sampler = engine_serving(engine, arg, model)
+            runs[arg] = respond(sampler, model, tokenizer, prompts, reward, reference, cfg, device)
+            del model, sampler
+    finally:
+        if engine is not None:
+            engine.close()
+    return prompts.prompts, runs
 
 
 def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict:
     """Sample, summarize (see ``summarize``) and write ``cfg.output`` and ``cfg.plot`` when set."""
-    _, runs = sample(cfg)
+    _, runs = sample(cfg, log)
     result = summarize(runs)
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)

@@ -162,11 +162,19 @@ def load_causal_lm(folder: str | Path, base: str | Path | None = None) -> torch.
 
     if not is_adapter_folder(folder):
         return AutoModelForCausalLM.from_pretrained(folder)
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    if base is None:
-        beside = Path(folder).parent / "reference"
-        base = beside if beside.is_dir() else PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    base = adapter_base(folder) if base is None else base
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder))
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base model of the adapter in ``folder``: a ``reference/`` beside it, else the base the
+    adapter was made from."""
+    from peft import PeftConfig
+
+    beside = Path(folder).parent / "reference"
+    base = str(beside) if beside.is_dir() else PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
     if not base:
         raise UsageError(f"{folder} holds a LoRA adapter; name its base model")
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder))
+    return base

@@ -33,11 +33,11 @@ from fastppo import packing
 from fastppo.trainer import algorithms, checkpoint, lora, runtime, sampling, timing, tiny
 from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs
 from fastppo.trainer.config import PPOConfig
-from fastppo.trainer.data import read_rows
+from fastppo.trainer.data import PromptRows, read_prompt_rows
 from fastppo.trainer.errors import EngineError, Interrupted, UsageError
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.passes import token_logprobs_of, values_of
-from fastppo.trainer.rewards import load_reward
+from fastppo.trainer.rewards import Reward, load_reward
 from fastppo.trainer.rollout import Rollout, collect
 
 # --------------------------------------------------------------------------------------------
@@ -89,10 +89,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def load_prompts(cfg: PPOConfig) -> list[str]:
+def load_prompts(cfg: PPOConfig) -> PromptRows:
+    """``--prompts``' rows whole (the reward gets every other column), or the echo task's prompts."""
     if cfg.prompts is None:
-        return tiny.synthetic_prompts(4096, cfg.seed)
-    return [row["prompt"] for row in read_rows(cfg.prompts, ("prompt",))]
+        return PromptRows(tiny.synthetic_prompts(4096, cfg.seed))
+    return read_prompt_rows(cfg.prompts)
 
 
 @dataclass
@@ -109,8 +110,8 @@ class Run:
     critic: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: object
-    prompts: list[str]
-    reward_fn: object
+    prompts: PromptRows
+    reward: Reward
     kl_coef: float
     start: int  # iterations done before this process started (resume)
     nonfinite: runtime.NonFiniteSteps
@@ -168,7 +169,7 @@ def set_up(cfg: PPOConfig, log) -> Run:
     run = Run(
         cfg=cfg, device=device, distributed=distributed, out=out, tokenizer=tokenizer, policy=policy,
         reference=reference, critic=critic, optimizer=optimizer, scheduler=None, prompts=load_prompts(cfg),
-        reward_fn=load_reward(cfg.reward, tokenizer), kl_coef=cfg.kl_coef, start=0,
+        reward=load_reward(cfg.reward, tokenizer), kl_coef=cfg.kl_coef, start=0,
         nonfinite=runtime.NonFiniteSteps(cfg.max_nonfinite_steps),
     )  # fmt: skip
     steps_per_iteration = cfg.ppo_epochs * math.ceil(
@@ -204,11 +205,13 @@ def sampling_settings(cfg: PPOConfig, sampler: sampling.Sampler) -> sampling.Sam
 
 def sample_rollout(run: Run, phases=None) -> Rollout:
     cfg = run.cfg
-    prompts = random.sample(run.prompts, min(run.prompts_per_iteration, len(run.prompts)))
+    index = random.sample(range(len(run.prompts)), min(run.prompts_per_iteration, len(run.prompts)))
+    prompts, columns = run.prompts.take(index)
     return collect(
-        run.policy, run.reference, run.critic, run.sampler, run.tokenizer, prompts, run.reward_fn,
+        run.policy, run.reference, run.critic, run.sampler, run.tokenizer, prompts, run.reward,
         run.device, group_size=cfg.group_size, settings=sampling_settings(cfg, run.sampler),
         padding_free=cfg.padding_free, fused=cfg.fused_lm_head, phases=phases or timing.Phases(run.device),
+        columns=columns,
     )  # fmt: skip
 
 
@@ -391,6 +394,7 @@ def rollout_metrics(rollout: Rollout) -> dict:
         "kl": float(kl_per_token(rollout, "k1").sum(1).mean()),  # per response, summed over its tokens
         "response_length": float(lengths.mean()),
         "truncated_fraction": float(rollout.truncated.float().mean()),
+        "reward_invalid": rollout.invalid_scores,  # summed over ranks in ``iterate``
     }  # fmt: skip
     if rollout.values is not None:
         metrics["explained_variance"] = explained_variance(
@@ -418,6 +422,7 @@ def iterate(run: Run, iteration: int) -> dict:
         phases.seconds["generate"], 1e-9
     )
     record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, run.device, run.distributed)}
+    record["reward_invalid"] = round(record["reward_invalid"] * run.distributed.world_size)  # a count
     if run.cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), the same on every rank
         error = max(min(record["kl"] / run.cfg.kl_target - 1, 0.2), -0.2)
         run.kl_coef *= 1 + error * len(rollout) * run.distributed.world_size / run.cfg.kl_horizon

@@ -2,7 +2,7 @@
 what the update needs, all through one layout of the batch.
 
     samples = sampling.sample(sampler, ...)     any engine (sampling/: hf, vllm, vllm-server)
-    scores = reward_fn(prompts, texts)          rewards.py
+    scores = reward(prompts, texts, columns)    rewards.py: each response's row columns too
     tokens = samples.tokens(padding_free)       layout.py: one TokenBatch for every pass
     old_logp, ref_logp, values                  passes.py: policy, reference, critic
 
@@ -18,6 +18,7 @@ import torch
 from fastppo.trainer import runtime
 from fastppo.trainer.layout import TokenBatch, response_tokens, to_padded
 from fastppo.trainer.passes import token_logprobs_of, values_of
+from fastppo.trainer.rewards import Reward
 from fastppo.trainer.sampling.base import Sampler, SamplingSettings, sample
 
 
@@ -37,6 +38,7 @@ class Rollout:
     rollout_logp: torch.Tensor | None = None  # (B, R) fp32, the sampler's own (rollout correction, metrics)
     advantages: torch.Tensor | None = None  # (B, R), set by the advantage estimator
     returns: torch.Tensor | None = None  # (B, R), the critic's targets (estimators with a critic)
+    invalid_scores: int = 0  # responses whose reward gave None or NaN (scored 0)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -68,7 +70,7 @@ def collect(
     sampler: Sampler,
     tokenizer,
     prompts: list[str],
-    reward_fn,
+    reward,
     device,
     *,
     group_size: int,
@@ -76,20 +78,26 @@ def collect(
     padding_free: bool,
     fused: bool = True,
     phases=_untimed,
+    columns: dict[str, list] | None = None,
 ) -> Rollout:
     """Draw ``group_size`` responses per prompt through ``sampler``, score them, and read the
     policy's and the reference's log-probs (at the sampling temperature; ``fused``: see
     ``passes.token_logprobs_of``) and the critic's values, all through one layout of the batch.
     ``settings.logprobs``: keep the log-probs the sampler drew the tokens with
-    (``Rollout.rollout_logp``). ``phases``: a ``timing.Phases`` to charge generate, score, logprobs."""
+    (``Rollout.rollout_logp``). ``phases``: a ``timing.Phases`` to charge generate, score, logprobs.
+    ``reward``: a ``rewards.Reward`` (or a function of (prompts, responses)), given each response's
+    row ``columns`` (each a list aligned with ``prompts``) and its token ids."""
     repeated = [p for p in prompts for _ in range(group_size)]
+    reward = reward if isinstance(reward, Reward) else Reward.of(reward)
     policy.eval()
     if critic is not None:
         critic.eval()
     with phases("generate"):
         samples = sample(sampler, tokenizer, repeated, settings, device)
     with phases("score"):
-        scores = torch.tensor(reward_fn(repeated, samples.texts), dtype=torch.float32, device=device)
+        per_response = {k: [x for x in v for _ in range(group_size)] for k, v in (columns or {}).items()}
+        scored = reward(repeated, samples.texts, per_response | {"completion_ids": samples.response_ids()})
+        scores = torch.tensor(scored.values, dtype=torch.float32, device=device)
     with phases("logprobs"):
         tokens = samples.tokens(padding_free)
         with runtime.autocast(device):
@@ -102,4 +110,5 @@ def collect(
         truncated=samples.truncated, group_ids=torch.arange(len(repeated), device=device) // group_size,
         scores=scores, old_logp=to_padded(old_logp, mask), ref_logp=to_padded(ref_logp, mask),
         values=to_padded(values, mask) if values is not None else None, rollout_logp=samples.sampler_logp,
+        invalid_scores=scored.invalid,
     )  # fmt: skip

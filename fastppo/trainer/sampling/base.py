@@ -130,6 +130,11 @@ class Samples:
         """(B, R) int64 response ids, the pad id after each response."""
         return self.sequences[:, self.prompt_mask.shape[1] :]
 
+    def response_ids(self) -> list[list[int]]:
+        """(B,) each response's token ids, up to and including its EOS (two host reads)."""
+        lengths = self.response_mask.sum(1).tolist()
+        return [row[:n] for row, n in zip(self.responses.tolist(), lengths, strict=True)]
+
     def tokens(self, padding_free: bool) -> TokenBatch:
         return response_tokens(
             self.sequences, self.attention_mask, self.response_mask, padding_free=padding_free

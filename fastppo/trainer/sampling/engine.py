@@ -68,7 +68,9 @@ class EngineSampler(Sampler):
         except EngineError:
             raise
         except Exception as exc:  # the engine died, the server went away
-            raise EngineError(f"rollout engine {self.name}: generation failed ({_reason(exc)})") from exc
+            raise EngineError(
+                f"rollout engine {self.name}: generation failed ({one_line_reason(exc)})"
+            ) from exc
         return from_token_lists(tokens, logprobs, finished, self.pad_id, device)
 
     def check_identity(self, policy) -> None:
@@ -92,7 +94,9 @@ class EngineSampler(Sampler):
         except EngineError:
             raise
         except Exception as exc:
-            raise EngineError(f"rollout engine {self.name}: weight sync failed ({_reason(exc)})") from exc
+            raise EngineError(
+                f"rollout engine {self.name}: weight sync failed ({one_line_reason(exc)})"
+            ) from exc
         self.syncs += 1
         due = self.verify_every > 0 and (self.syncs == 1 or self.syncs % self.verify_every == 0)
         if due:
@@ -130,7 +134,7 @@ def completion_lists(outputs) -> tuple[list[list[int]], list[list[float]] | None
     return tokens, logprobs, finished
 
 
-def _reason(exc: BaseException) -> str:
+def one_line_reason(exc: BaseException) -> str:
     """The innermost message of an exception chain, on one line."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__

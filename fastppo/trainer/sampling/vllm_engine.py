@@ -21,7 +21,7 @@ import torch
 from fastppo.trainer import lora, runtime
 from fastppo.trainer.errors import UsageError
 from fastppo.trainer.sampling import weights
-from fastppo.trainer.sampling.engine import EngineSampler, _reason, completion_lists, sampling_fields
+from fastppo.trainer.sampling.engine import EngineSampler, completion_lists, one_line_reason, sampling_fields
 
 WORKER_EXTENSION = "fastppo.trainer.sampling.vllm_worker.WorkerExtension"
 
@@ -119,11 +119,14 @@ def start_llm(model: str, *, gpu: bool, seed: int, gpu_memory_utilization: float
         # dropped, and a CPU generator cannot rewind ("CPU Generator does not use offset"): whole
         # prefills keep seeded requests working on CPU.
         options["enable_chunked_prefill"] = False
+    llm = None
     try:
         llm = LLM(**options)
         warm_up(llm)
     except Exception as exc:  # an architecture or head size vLLM does not take, a bad folder
-        raise UsageError(f"rollout_engine vllm: vLLM cannot load {model} ({_reason(exc)})") from None
+        if llm is not None:  # loaded, failed at its first step: free it now, not at exit
+            llm.llm_engine.engine_core.shutdown()
+        raise UsageError(f"rollout_engine vllm: vLLM cannot load {model} ({one_line_reason(exc)})") from None
     return llm
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fastppo.trainer.errors import EngineError, UsageError
 from fastppo.trainer.sampling import weights
-from fastppo.trainer.sampling.engine import EngineSampler, _reason, sampling_fields
+from fastppo.trainer.sampling.engine import EngineSampler, one_line_reason, sampling_fields
 
 #: Seconds a request may take: a whole batch's generation, or a reload of the weights.
 TIMEOUT_S = 600
@@ -58,7 +58,7 @@ class ServerSampler(EngineSampler):
         try:
             return self._request(path, method="GET", timeout=30)
         except (urllib.error.URLError, OSError) as exc:
-            raise EngineError(f"{self.url} does not answer ({_reason(exc)})") from exc
+            raise EngineError(f"{self.url} does not answer ({one_line_reason(exc)})") from exc
 
     def _rpc(self, method: str, **kwargs):
         return self._request("/collective_rpc", {"method": method, "kwargs": kwargs})["results"][0]
@@ -119,16 +119,24 @@ class ServerSampler(EngineSampler):
             torch.distributed.barrier()
         return count
 
+    def close(self) -> None:
+        """The server keeps the weights it loaded; the folder they came through goes (a full copy)."""
+        if self.main:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+
 
 def build(cfg, run, log=print) -> ServerSampler:
     """A client of the server at ``cfg.vllm_server_url``; one that does not answer stops the run.
     Under torchrun every rank sends its own prompts; rank 0 writes the weights and has them loaded,
     and every rank waits for that before it samples again."""
+    return connect(cfg.vllm_server_url, run.tokenizer, Path(run.out) / "rollout-sync",
+                   verify_every=cfg.verify_sync_every, log=log, main=run.distributed.main)  # fmt: skip
+
+
+def connect(url: str, tokenizer, sync_dir: Path, *, verify_every: int, log=print, main: bool = True):
+    """A ``ServerSampler`` of the server at ``url``; one that does not answer is a ``UsageError``."""
     try:
-        sampler = ServerSampler(
-            cfg.vllm_server_url, run.tokenizer, Path(run.out) / "rollout-sync",
-            verify_every=cfg.verify_sync_every, log=log, main=run.distributed.main,
-        )  # fmt: skip
+        sampler = ServerSampler(url, tokenizer, sync_dir, verify_every=verify_every, log=log, main=main)
     except EngineError as exc:
         raise UsageError(
             f"vllm_server_url: {exc}; start one with `fastppo vllm-serve --model M --port P`"
