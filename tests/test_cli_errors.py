@@ -8,8 +8,9 @@ import torch
 from processes import CLI, run
 
 from fastppo import cli
-from fastppo.trainer import tiny
+from fastppo.trainer import checkpoint, tiny
 from fastppo.trainer.errors import EngineError
+from fastppo.trainer.evaluate import EvalConfig
 from fastppo.trainer.sampling import HFSampler
 
 FAST = ["--iterations", "1", "--batch_size", "16", "--minibatch_size", "8"]
@@ -89,6 +90,9 @@ def test_a_run_folder_and_offline_loops(files, capsys):
     capsys.readouterr()  # the run's own output
     err = fails(capsys, "train", "grpo", *FAST, "--output_dir", f"{d}/run")
     assert f"output_dir: {d}/run holds a run; pass --resume" in err
+    newest = checkpoint.latest_checkpoint(f"{d}/run")  # fastppo eval of the run folder: its newest
+    cfg = EvalConfig(policy=f"{d}/run", baseline=f"{d}/run")
+    assert cfg.policy == cfg.baseline == str(newest / "policy") and cfg.reference == str(newest / "reference")
     err = fails(capsys, "train", "sft", "--data", f"{d}/nokey.jsonl", "--output_dir", f"{d}/sft")
     assert f"{d}/nokey.jsonl: row 1: missing or non-text fields ['response']" in err
 

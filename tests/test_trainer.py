@@ -113,6 +113,14 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
         (dict(policy="/no/such/model"), "policy: no such folder"),
         (dict(prompts="/no/such.jsonl"), "prompts: no such file"),
         (dict(dual_clip=0.5), "dual_clip must be > 1"),
+        (
+            dict(algo="grpo", batch_size=20),
+            r"batch_size 20 is not a multiple of group_size 8 .*: use batch_size 16 or 24",
+        ),
+        (
+            dict(algo="grpo", batch_size=4),
+            r"not a multiple of group_size 8 \(responses per prompt\): use batch_size 8$",
+        ),
     ],
 )
 def test_bad_config_fails_at_start(kwargs, match):

@@ -327,6 +327,14 @@ class PPOConfig:
             raise UsageError(
                 f"{self.advantage} needs group_size >= 2 (responses per prompt), got {self.group_size}"
             )
+        if self.batch_size % self.group_size:  # each prompt gets group_size responses, no fewer
+            below = (self.batch_size // self.group_size) * self.group_size
+            above = below + self.group_size
+            choices = f"{below} or {above}" if below else f"{above}"
+            raise UsageError(
+                f"batch_size {self.batch_size} is not a multiple of group_size {self.group_size} "
+                f"(responses per prompt): use batch_size {choices}"
+            )
         lora.check_options(self)
         if self.lora_r > 0 and self.lora_dropout > 0:
             raise UsageError("lora_dropout must be 0 in PPO (dropout is off in its models), got "

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 import fastppo
-from fastppo.trainer import lora, runtime, sampling, tiny
+from fastppo.trainer import checkpoint, lora, runtime, sampling, tiny
 from fastppo.trainer.config import check_engine_fields
 from fastppo.trainer.data import PromptRows, read_prompt_rows
 from fastppo.trainer.errors import EngineError, UsageError
@@ -85,6 +85,7 @@ class EvalConfig:
         """Every mistake is a ``UsageError`` naming the field, as training's config does."""
         for name in ("policy", "baseline", "reference"):
             if getattr(self, name) is not None:
+                setattr(self, name, newest_checkpoint_model(getattr(self, name), name))
                 check_model(getattr(self, name), name)  # a model folder or a Hugging Face id
         if self.reference is None:
             folders = [Path(p) for p in (self.policy, self.baseline) if p is not None and Path(p).is_dir()]
@@ -104,6 +105,19 @@ class EvalConfig:
             self.plot = str(Path(self.output).with_suffix(".png"))
         if self.plot is not None and self.plot.lower() in ("", "none"):
             self.plot = None
+
+
+def newest_checkpoint_model(path: str, name: str) -> str:
+    """A run folder (``fastppo train``'s output_dir: checkpoints, no weights of its own) stands for
+    its newest checkpoint's ``policy/`` (its ``reference/`` for ``--reference``); anything else is
+    as given."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return path
+    newest = checkpoint.latest_checkpoint(folder)
+    if newest is None:
+        return path  # check_model says what the folder lacks
+    return str(newest / ("reference" if name == "reference" else "policy"))
 
 
 # --------------------------------------------------------------------------------------------
