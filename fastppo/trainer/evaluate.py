@@ -261,8 +261,8 @@ def start_engine(cfg: EvalConfig, path: str, tokenizer, device: torch.device, lo
 def engine_serving(engine: sampling.Sampler, arg: str, model) -> sampling.Sampler:
     """``engine`` holding ``model``'s weights (pushed and verified); another architecture or
     vocabulary than the engine's is a ``UsageError`` naming ``arg``."""
-    engine.layout = None  # check the identity of every model, not only the first
     try:
+        engine.check_identity(model)  # every model's, not only the first one's
         engine.sync(model)
     except EngineError as exc:
         raise UsageError(f"{arg}: {exc}") from None
@@ -284,11 +284,10 @@ def respond(
         chunk, columns = prompts.take(list(range(start, min(start + cfg.batch_size, len(prompts)))))
         samples = sampling.sample(sampler, tokenizer, chunk, settings, device)
         mask = samples.response_mask  # (B, R)
-        out = samples.responses  # (B, R)
         run.texts += samples.texts
         columns["completion_ids"] = samples.response_ids()
         run.scores += reward(chunk, samples.texts, columns).values
-        run.tokens += [row[m].tolist() for row, m in zip(out, mask, strict=True)]
+        run.tokens += columns["completion_ids"]
         if reference is not None:
             tokens = samples.tokens(padding_free=False)
             with runtime.autocast(device):
