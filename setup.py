@@ -1,8 +1,8 @@
 """Builds fastppo and its C++ extension fastppo._C.
 
-Packages are listed explicitly: the top-level folder ``kernels/`` is installed as
-``fastppo.kernels`` and never as a top-level ``kernels`` (Hugging Face ships a package by
-that name).
+Packages are listed explicitly, so that nothing but ``fastppo`` is installed at the top level
+(the Triton kernels live in ``fastppo/kernels/``; Hugging Face's ``kernels``, which transformers
+imports, owns the top-level name).
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -28,7 +28,6 @@ setup(
         "fastppo.integrations",
         "fastppo.kernels",
     ],
-    package_dir={"fastppo": "fastppo", "fastppo.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 from compile_fixtures import kernels as fixtures
-from fastppo.kernels import INTERPRETED, compile_check
-from fastppo.kernels.compile_check import compile_launches, main, recording
 
 import fastppo
+from fastppo.kernels import INTERPRETED, compile_check
+from fastppo.kernels.compile_check import compile_launches, main, recording
 
 pytestmark = pytest.mark.skipif(
     not INTERPRETED, reason="records launches of the interpreter (TRITON_INTERPRET=1)"

@@ -9,14 +9,14 @@ reaches each distinct configuration, and runs the op there against its reference
 
 import pytest
 import torch
+
+import fastppo
+from fastppo import reference
 from fastppo.kernels.gae import _block_t as gae_block_t
 from fastppo.kernels.group_advantages import _block as group_block
 from fastppo.kernels.masked_reduce import chunking
 from fastppo.kernels.shape_rewards import _block_t as shape_rewards_block_t
 from fastppo.kernels.token_logprobs import _launch_config
-
-import fastppo
-from fastppo import reference
 
 # Beyond these the choices are constant (every launcher clamps its block sizes).
 LONGEST_SEQUENCE = 2**15

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from fastppo.kernels import INTERPRETED
 from fastppo.kernels.compile_check import recording
-
 from fastppo.trainer import offline, ppo, rollout, sampling, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig
 from fastppo.trainer.ppo import train

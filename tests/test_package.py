@@ -23,12 +23,26 @@ def run_python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
     )
 
 
-def test_kernels_only_importable_as_fastppo_kernels(tmp_path):
-    proc = run_python("import kernels", tmp_path)
-    assert proc.returncode != 0 and "No module named 'kernels'" in proc.stderr
+KERNELS_ORIGIN = (
+    "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)"
+)
+
+
+def test_top_level_kernels_is_never_ours(tmp_path):
+    """The Triton kernels are `fastppo.kernels` only. Hugging Face's `kernels` (which transformers
+    >= 5.2x imports) owns the top-level name: from the repository root, where the current folder is
+    on sys.path, `kernels` must not resolve to a folder of this repository, or transformers breaks."""
+    for cwd, env in ((ROOT, {}), (tmp_path, {"PYTHONPATH": str(ROOT)})):
+        proc = run_python(KERNELS_ORIGIN, cwd, **env)
+        assert proc.returncode == 0, proc.stderr
+        origin = proc.stdout.strip()
+        assert origin == "None" or "site-packages" in Path(origin).parts, origin  # installed, not ours
+    assert not (ROOT / "kernels").exists()
+    proc = run_python("import transformers.modeling_utils", ROOT, PYTHONPATH=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_python("import fastppo.kernels as k; print(k.__file__)", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).parent.name == "kernels"
+    assert Path(proc.stdout.strip()).parent == ROOT / "fastppo" / "kernels"
 
 
 def test_wheel_layout_and_import(tmp_path):
@@ -67,12 +81,13 @@ def test_wheel_layout_and_import(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     code = (
         "import fastppo, fastppo.kernels, fastppo._C; print(fastppo.__file__); print(fastppo._C.__file__);"
-        "import importlib.util; print(importlib.util.find_spec('kernels'))"
+        + KERNELS_ORIGIN
     )
     proc = run_python(code, tmp_path, PYTHONPATH=str(site))
     assert proc.returncode == 0, proc.stderr
-    pkg_file, ext_file, kernels_spec = proc.stdout.split()
-    assert pkg_file.startswith(str(site)) and ext_file.startswith(str(site)) and kernels_spec == "None"
+    pkg_file, ext_file, kernels_origin = proc.stdout.split()
+    assert pkg_file.startswith(str(site)) and ext_file.startswith(str(site))
+    assert kernels_origin == "None" or not kernels_origin.startswith(str(site)), kernels_origin
 
 
 def test_env_command(tmp_path):

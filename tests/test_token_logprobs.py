@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastppo
+from fastppo import reference
 from fastppo.kernels import can_address
 from fastppo.kernels.token_logprobs import (
     _row_addressing,
     _token_logprobs_bwd_kernel,
     _token_logprobs_fwd_kernel,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import fastppo
-from fastppo import reference
 
 # (dtype, atol, rtol) for the logits' gradient, which comes back in the logits' dtype.
 GRAD_TOLS = [
