@@ -2,7 +2,8 @@
 
 Packages are listed explicitly, so that nothing but ``fastppo`` is installed at the top level
 (the Triton kernels live in ``fastppo/kernels/``; Hugging Face's ``kernels``, which transformers
-imports, owns the top-level name).
+imports, owns the top-level name). The benchmarks ship as ``fastppo.bench`` (``fastppo bench``); the
+repository's ``bench/`` keeps their committed results and a ``python -m bench`` shim.
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -27,6 +28,7 @@ setup(
         "fastppo.trainer.sampling",
         "fastppo.integrations",
         "fastppo.kernels",
+        "fastppo.bench",
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

@@ -1,1 +1,2 @@
-"""fastppo's benchmarks: one ``bench_<op>.py`` per op, run by ``python -m bench`` (see __main__)."""
+"""The repository's shim for ``python -m bench``: the benchmarks live in ``fastppo.bench``
+(``fastppo bench``); run from here, their results default to this folder's ``results/``."""

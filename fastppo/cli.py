@@ -6,6 +6,8 @@
 - ``fastppo eval --policy DIR [...]``: reward, KL, length and diversity on held-out prompts.
 - ``fastppo vllm-serve --model M [--host H] [--port P] [vLLM's flags]``: a vLLM server that
   ``--rollout_engine vllm-server`` can sample from and push weights to.
+- ``fastppo bench [OP ...] [--output DIR] [...]``: the benchmarks, from any directory; results go to
+  DIR (default ``./bench-results``). ``fastppo bench --help`` lists the ops and flags.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import faulthandler
 import importlib.metadata
 import os
 import platform
+import signal
 import sys
 
 
@@ -166,14 +169,43 @@ _ALIASES = {"ppo": {"model": "policy", "data": "prompts"}, "offline": {"policy":
 
 
 def _canonical(argv: list[str], values: dict, aliases: dict) -> tuple[list[str], dict]:
-    """``argv`` and config-file ``values`` with the other loops' names turned into this loop's."""
+    """``argv`` and config-file ``values`` with the other loops' names turned into this loop's, and
+    the repeatable flags (``LISTS``) merged into one comma-separated value."""
     flags = []
     for arg in argv:
         name, eq, value = arg.partition("=")
         if name.startswith("--") and name[2:] in aliases:
             arg = f"--{aliases[name[2:]]}{eq}{value}"
         flags.append(arg)
-    return flags, {aliases.get(key, key): value for key, value in values.items()}
+    values = {aliases.get(key, key): value for key, value in values.items()}
+    joined = {k: ",".join(map(str, v)) for k, v in values.items() if k in LISTS and isinstance(v, list)}
+    return merge_repeated(flags), values | joined
+
+
+#: Flags that may be given several times (or, in a config file, as a list): their values are joined
+#: with commas (HfArgumentParser would keep only the last).
+LISTS = ("reward", "reward_weights")
+
+
+def merge_repeated(argv: list[str]) -> list[str]:
+    """``--reward a --reward=b,c`` as ``--reward=a,b,c`` where the first one was; the other flags as
+    they are."""
+    out, values, i = [], {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        key = name[2:] if name.startswith("--") else None
+        if key not in LISTS or (not eq and i + 1 == len(argv)):  # a bare last flag: argparse says so
+            out.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            value, i = argv[i + 1], i + 1
+        if key not in values:
+            values[key] = []
+            out.append((key,))  # its place, filled below
+        values[key].append(value)
+        i += 1
+    return [f"--{a[0]}={','.join(values[a[0]])}" if isinstance(a, tuple) else a for a in out]
 
 
 def parse_train_config(name: str, argv: list[str]):
@@ -210,6 +242,19 @@ def _resume_hint(algo: str, argv: list[str]) -> str:
     return " ".join(["fastppo", "train", algo, *kept, "--resume", "true"])
 
 
+def _stopped_at_once(algo: str, argv: list[str], output_dir: str, stop: KeyboardInterrupt) -> str:
+    """What a run stopped at once (a second Ctrl-C, or one before its loop began) prints: the
+    iteration under way was not saved; how to resume from the newest checkpoint, or that there is none."""
+    from fastppo.trainer.checkpoint import latest_checkpoint
+
+    name = getattr(stop, "signal_name", "SIGINT")
+    head = f"stopped by {name} without saving the current iteration"
+    newest = latest_checkpoint(output_dir)
+    if newest is None:
+        return f"{head}; no checkpoint in {output_dir} to resume from"
+    return f"{head}; newest checkpoint {newest}; resume with\n  {_resume_hint(algo, argv)}"
+
+
 def train_command(algo: str, argv: list[str]) -> int:
     from fastppo.trainer.errors import EngineError, Interrupted
 
@@ -228,6 +273,10 @@ def train_command(algo: str, argv: list[str]) -> int:
             print(f"interrupted by {stop.signal_name}: saved {stop.checkpoint}; resume with\n"
                   f"  {_resume_hint(algo, argv)}", file=sys.stderr)  # fmt: skip
         return 128 + stop.signal_number
+    except KeyboardInterrupt as stop:  # errors.StoppedAtOnce, or Ctrl-C before the handlers were set
+        if _is_main_process():
+            print(_stopped_at_once(algo, argv, cfg.output_dir, stop), file=sys.stderr)
+        return 128 + getattr(stop, "signal_number", signal.SIGINT)
     if algo not in OFFLINE:
         if history and _is_main_process():
             from fastppo.trainer.timing import PHASES, split_line
@@ -279,6 +328,7 @@ def eval_command(argv: list[str]) -> int:
     from fastppo.trainer.evaluate import EvalConfig, evaluate, format_table
 
     parser = HfArgumentParser(EvalConfig, prog="fastppo eval")
+    argv = _canonical(argv, {}, {"data": "prompts"})[0]  # --data as in training; --reward a --reward b
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         flags = [a for a in parser._option_string_actions if a.startswith("--")]
@@ -389,7 +439,12 @@ def _dispatch(argv: list[str]) -> int:
     sub.add_parser(
         "vllm-serve", help="serve a model with vLLM for --rollout_engine vllm-server", add_help=False
     )
+    sub.add_parser("bench", help="run the benchmarks (see `fastppo bench --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from fastppo.bench.run import main as bench_main
+
+        return bench_main(rest)
     if args.command == "eval":
         return eval_command(rest)
     if args.command == "vllm-serve":

@@ -1,4 +1,5 @@
-"""The benchmark harness: a quick CPU run writes a results file in the schema of DESIGN §7."""
+"""The benchmark harness: a quick CPU run writes a results file in the schema of DESIGN §7;
+`fastppo bench` runs from any directory and writes only where it is told."""
 
 import importlib.util
 import json
@@ -10,40 +11,54 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastppo.bench import bench_ppo_step, harness
+
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = [sys.executable, "-m", "fastppo.cli", "bench"]
+QUICK = ["--quick", "--device", "cpu", "--cpu-budget-s", "0.05"]
 
 
-def _load_harness():
-    # bench/ is a folder of the repository, not an installed package: load it from its path.
-    spec = importlib.util.spec_from_file_location("bench.harness", ROOT / "bench" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+def bench(cwd: Path, *args, cmd=BENCH) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def run_bench(tmp_path, *args):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench",
-        "--quick",
-        "--device",
-        "cpu",
-        "--cpu-budget-s",
-        "0.05",
-        "--out",
-        str(tmp_path),
-        *args,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """A quick CPU run from ``tmp_path``, its results in ``tmp_path/out``: (process, the JSON)."""
+    proc = bench(tmp_path, *QUICK, "--output", "out", *args)
     assert proc.returncode == 0, proc.stderr
-    (json_path,) = tmp_path.glob("*.json")
+    (json_path,) = (tmp_path / "out").glob("*.json")
     return proc, json.loads(json_path.read_text())
+
+
+def bench_spots() -> set[str]:
+    """Where a run from the clone would write: the clone's top level, bench/ (the committed
+    results) and the package's bench/ folder (which, installed, is site-packages)."""
+    spots = [*ROOT.iterdir(), *(ROOT / "bench").rglob("*"), *(ROOT / "fastppo" / "bench").rglob("*")]
+    return {str(p.relative_to(ROOT)) for p in spots if "__pycache__" not in p.parts}
+
+
+def test_fastppo_bench_runs_anywhere_and_writes_where_told(tmp_path):
+    """From a folder outside the clone: `--output DIR` gets the JSON and its table, no output
+    flag means ./bench-results, and nothing is written into the repository or the package."""
+    before = bench_spots()
+    _, result = run_bench(tmp_path, "masked_whiten", "--providers", "torch")
+    assert {r["op"] for r in result["records"]} == {"masked_whiten"} and not result["skipped"]
+    assert result["commit"] and result["commit"] != "unknown"
+    assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".json", ".md"]
+    proc = bench(tmp_path, *QUICK, "masked_whiten", "--providers", "torch")
+    assert proc.returncode == 0, proc.stderr
+    (default,) = (tmp_path / "bench-results").glob("*.json")
+    assert f"wrote {Path('bench-results') / default.name}" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-results", "out"]
+    assert bench_spots() - before == set()
+
+
+def test_bench_help_names_the_default_output(tmp_path):
+    proc = bench(tmp_path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # as argparse wrapped it, whatever the width
+    assert "(default: bench-results, from the current directory)" in text and "token_logprobs" in text
 
 
 def test_loss_benchmarks(tmp_path):
@@ -103,10 +118,13 @@ def test_packing_benchmarks(tmp_path):
     assert not result["skipped"]
 
 
-def test_unknown_op_is_refused(tmp_path):
-    cmd = [sys.executable, "-m", "bench", "--ops", "gae2", "--device", "cpu", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("where", ["fastppo bench", "python -m bench"])
+def test_unknown_op_is_refused(where, tmp_path):
+    """By `fastppo bench` anywhere, and by the repository's `python -m bench` shim from its root."""
+    cmd, cwd = (BENCH, tmp_path) if where == "fastppo bench" else ([sys.executable, "-m", "bench"], ROOT)
+    proc = bench(cwd, "--ops", "gae2", "--device", "cpu", "--output", str(tmp_path), cmd=cmd)
     assert proc.returncode == 2 and "--ops: unknown ['gae2']" in proc.stderr
+    assert f"usage: {where}" in proc.stderr and not any(tmp_path.iterdir())
 
 
 def test_ppo_step_benchmark(tmp_path):
@@ -121,15 +139,11 @@ def test_ppo_step_benchmark(tmp_path):
         ("ppo_step", "fastppo", "fwd_bwd"),
     }
     assert all(r["shape"] == {"B": 4, "P": 8, "R": 24} and r["gbps"] is None for r in result["records"])
-    assert "| ppo_step |" in (tmp_path / next(tmp_path.glob("*.md")).name).read_text()
+    assert "| ppo_step |" in next((tmp_path / "out").glob("*.md")).read_text()
 
 
 def test_ppo_step_needs_a_gpu_at_full_size():
-    spec = importlib.util.spec_from_file_location(
-        "bench.bench_ppo_step", ROOT / "bench" / "bench_ppo_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_ppo_step
     said = []
     cases = list(
         module.benchmarks(
@@ -146,7 +160,7 @@ def test_ppo_step_needs_a_gpu_at_full_size():
 
 def test_quick_run_writes_schema(tmp_path):
     proc, result = run_bench(tmp_path, "--ops", "token_logprobs", "--providers", "torch,fastppo,trl,verl")
-    (json_path,) = tmp_path.glob("*.json")
+    (json_path,) = (tmp_path / "out").glob("*.json")
     assert json_path.with_suffix(".md").exists()
     assert json_path.name.startswith(result["device"] + "-" + result["date"])
     for key, typ in [

@@ -138,7 +138,8 @@ def test_single_model_keeps_its_keys_and_plot_flag(folders, tmp_path):
     assert old_keys <= set(result) and "difference" not in result
     assert png.stat().st_size > 1000
     table = evaluate.format_table(result).splitlines()
-    assert table[0].split() == ["metric", "A"] and len(table) == 2 + len(evaluate.METRICS)
+    assert table[0].split() == ["metric", "A"]
+    assert len(table) == 2 + len(evaluate.METRICS) + 1  # and reward/echo, the one reward's mean
     assert EvalConfig(policy=folders["policy"], output=str(tmp_path / "r.json"), plot="none").plot is None
 
 

@@ -1,5 +1,6 @@
 """Installation layout, the `fastppo env` command and the report of a missing extension."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,6 +71,10 @@ def test_wheel_layout_and_import(tmp_path):
     assert "fastppo/kernels/token_logprobs.py" in names and "fastppo/kernels/__init__.py" in names
     assert any(n.startswith("fastppo/_C") and n.endswith(".so") for n in names)
     assert not any(n.startswith("kernels/") for n in names)
+    # The benchmarks ship in the package; their committed results stay in the repository.
+    shipped = {"fastppo/bench/run.py", "fastppo/bench/harness.py", "fastppo/bench/bench_rollout.py"}
+    assert shipped <= set(names)
+    assert not any(n.startswith("bench/") or n.endswith((".json", ".md")) for n in names)
 
     site = tmp_path / "site"
     install = subprocess.run(
@@ -88,6 +93,21 @@ def test_wheel_layout_and_import(tmp_path):
     pkg_file, ext_file, kernels_origin = proc.stdout.split()
     assert pkg_file.startswith(str(site)) and ext_file.startswith(str(site))
     assert kernels_origin == "None" or not kernels_origin.startswith(str(site)), kernels_origin
+    # `fastppo bench` of the installed wheel, from a folder of its own: results where it is told.
+    work = tmp_path / "work"
+    work.mkdir()
+    code = "import sys; from fastppo.cli import main; sys.exit(main(sys.argv[1:]))"
+    bench = ["bench", "masked_whiten", "--quick", "--device", "cpu", "--providers", "torch", "--output"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *bench, "out"], cwd=work, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(site), TRITON_INTERPRET="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (work / "out").glob("*.json")
+    import fastppo
+
+    assert json.loads(result.read_text())["commit"] == f"fastppo-{fastppo.__version__}"
+    assert sorted(os.listdir(work)) == ["out"]
 
 
 def test_env_command(tmp_path):

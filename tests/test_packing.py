@@ -296,7 +296,7 @@ def test_planning_type_errors_and_empty_input():
 
 
 def test_planning_at_scale():
-    """100,000 sequences: still a valid plan (timing lives in bench/bench_packing.py)."""
+    """100,000 sequences: still a valid plan (timing lives in fastppo/bench/bench_packing.py)."""
     lengths = np.random.default_rng(1).integers(1, 8192, 100_000)
     groups = packing.plan_microbatches(lengths, 65536, k=8)
     assert_partition(groups, lengths.size)

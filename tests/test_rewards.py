@@ -125,8 +125,9 @@ def test_every_response_gets_its_own_rows_answer(tmp_path):
     ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = ppo.load_prompts(PPOConfig(prompts=str(tmp_path / "rows.jsonl"), output_dir=str(tmp_path / "o")))
-    assert data.prompts == [r["prompt"] for r in rows]
-    assert data.columns == {"answer": [r["answer"] for r in rows], "n": list(range(6))}
+    assert len(data) == 6 and data.column_names == ["answer", "n"]
+    assert data.take(range(6)) == ([r["prompt"] for r in rows],
+                                   {"answer": [r["answer"] for r in rows], "n": list(range(6))})  # fmt: skip
     seen = {}
 
     def record(prompts, completions, **columns):

@@ -7,9 +7,13 @@ import json
 import re
 import shlex
 import signal
+import time
+from pathlib import Path
 
 import pytest
 from processes import CLI, TORCHRUN_CLI, Group, run, wait_for_lines
+
+from fastppo.trainer import checkpoint
 
 SMALL = ["--batch_size", "16", "--minibatch_size", "8", "--max_tokens_per_microbatch", "256"]
 STOPPED = re.compile(r"interrupted by (SIG\w+): saved (\S+); resume with\n  (.+)")
@@ -55,6 +59,54 @@ def test_a_signal_stops_one_process_cleanly_and_it_resumes(signum, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from run/checkpoint-{step}" in resumed.stdout + resumed.stderr
     assert iterations(tmp_path / "run" / "metrics.jsonl") == list(range(1, step + 2))
+
+
+AT_ONCE = re.compile(
+    r"stopped by SIGINT without saving the current iteration; newest checkpoint (\S+); resume with\n  (.+)"
+)
+
+
+def wait_for_output(group: Group, text: str, timeout: float = 120) -> None:
+    """Until the child's stdout holds ``text`` (it runs unbuffered), or fail if it ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and group.proc.poll() is None:
+        if text in group._read()[0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the output: {group._read()[1][-2000:]}")
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    """The first SIGINT asks for a stop after the iteration; a second one during it stops the
+    process at once: no traceback, one line saying the iteration was not saved and the command
+    that resumes from the newest checkpoint (which exists), exit status 130."""
+    cmd = [*CLI, "train", "grpo", "--iterations", "400", *SMALL, "--save_every", "1", "--output_dir", "run"]
+    group = Group(cmd, tmp_path, env={"PYTHONUNBUFFERED": "1"})
+    wait_for_lines(tmp_path / "run" / "metrics.jsonl", 1, group)
+    while checkpoint.latest_checkpoint(tmp_path / "run") is None and group.proc.poll() is None:
+        time.sleep(0.05)  # the signals come in the next iteration, not while the first one is saved
+    group.proc.send_signal(signal.SIGINT)
+    wait_for_output(group, "SIGINT: stopping after this step (again to stop at once")
+    group.proc.send_signal(signal.SIGINT)
+    proc = group.wait(timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    found = AT_ONCE.search(proc.stderr)
+    assert found, proc.stderr[-2000:]
+    newest = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert found.group(1) == str(Path("run") / newest.name)
+    assert not STOPPED.search(proc.stderr)  # it did not finish the iteration and save it
+    args = shlex.split(found.group(2))
+    assert args[:3] == ["fastppo", "train", "grpo"] and args[-2:] == ["--resume", "true"]
+
+
+def test_stopped_at_once_before_any_checkpoint_says_so(tmp_path):
+    from fastppo.cli import _stopped_at_once
+    from fastppo.trainer.errors import StoppedAtOnce
+
+    said = _stopped_at_once("grpo", [], str(tmp_path / "run"), StoppedAtOnce("SIGINT", signal.SIGINT))
+    none = f"no checkpoint in {tmp_path / 'run'} to resume from"
+    assert said == f"stopped by SIGINT without saving the current iteration; {none}"
 
 
 def test_ctrl_c_stops_two_processes_together(tmp_path):

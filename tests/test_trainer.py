@@ -2,14 +2,21 @@
 learning, checkpoints, resume, robustness and the `fastppo train` command."""
 
 import json
+import logging
 import math
+import warnings
 
 import processes
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from fastppo.trainer import checkpoint, data, evaluate, offline, timing, tiny
+from fastppo.trainer import checkpoint, data, evaluate, offline, ppo, timing, tiny
 from fastppo.trainer.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
 from fastppo.trainer.ppo import train
 
@@ -49,6 +56,19 @@ def test_checkpoint_loads_offline_with_transformers(tmp_path):
     ).exists()
     out = model.generate(**tokenizer(["abc:"], return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_a_saved_tokenizer_reads_back_the_same(tmp_path):
+    """The embedded tokenizer, saved beside a Qwen2 config, reads back with its own pre-tokenizer:
+    transformers 5's AutoTokenizer would rebuild it as a Qwen2 tokenizer that drops the spaces
+    (the --policy, eval and reward model loaders all go through hub.load_tokenizer)."""
+    from fastppo.trainer import hub
+
+    tokenizer = tiny.build_tokenizer()
+    tiny.build_policy(tokenizer, seed=0).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    text = "ab c: d"
+    assert hub.load_tokenizer(str(tmp_path))(text).input_ids == tokenizer(text).input_ids
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -347,15 +367,64 @@ def test_fsdp_misuse_fails_clearly(tmp_path):
 
 def test_empty_update_batch_is_skipped(tmp_path):
     """Dropping responses without EOS can empty the update batch: the iteration skips its update
-    with a warning and the run goes on. With this seed (2-token responses, 4 per iteration) the
-    first iteration keeps none and the second keeps one."""
+    and the run goes on, with no warning per iteration: ``skipped_update`` in the metrics and one
+    line at the end. With this seed (2-token responses, 4 per iteration) the first iteration keeps
+    none and the second keeps one."""
     small = dict(batch_size=4, minibatch_size=4, max_new_tokens=2, seed=9)
     cfg = PPOConfig(iterations=2, output_dir=str(tmp_path), drop_truncated=True, **small)
-    with pytest.warns(UserWarning, match="iteration 0: no sequence left for the update"):
-        history = train(cfg, log=quiet)
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train(cfg, log=said.append)
+    assert not [w for w in caught if "no sequence left" in str(w.message)]
     assert [h["updated_fraction"] for h in history] == [0.0, 0.25]
+    assert [h["skipped_update"] for h in history] == [1.0, 0.0]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in logged] == [1.0, 0.0]
+    skips = [line for line in said if "no sequence left" in line]
+    assert skips == [
+        "1 of 2 iterations had no sequence left for the update"
+        " (all dropped by drop_truncated/dynamic_sampling)"
+    ]
     assert history[0]["value_loss"] == 0 and history[1]["value_loss"] > 0  # the critic was updated
     assert all(math.isfinite(h["reward"]) for h in history)
+
+
+def save_tiny_gpt2(folder) -> None:
+    """A 1-layer GPT-2 causal LM with the embedded tokenizer, as a user's --policy folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny.build_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=64, **ids)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_a_critic_on_a_gpt2_says_its_new_head_in_one_line(tmp_path):
+    """PPO's critic is the policy's checkpoint under a new value head: transformers' LOAD REPORT
+    table of its MISSING keys is not printed; one line says what is new."""
+    folder = tmp_path / "gpt2"
+    save_tiny_gpt2(folder)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:  # the control: loaded plainly, transformers reports the new head
+        AutoModelForTokenClassification.from_pretrained(folder, num_labels=1)
+        assert any("LOAD REPORT" in r.getMessage() for r in records)
+        records.clear()
+        said = []
+        cfg = PPOConfig(algo="ppo", policy=str(folder), output_dir=str(tmp_path / "o"))
+        critic = ppo.load_models(cfg, "eager", log=said.append)[3]
+    finally:
+        logger.removeHandler(handler)
+    printed = [r.getMessage() for r in records]
+    assert not [m for m in printed if "LOAD REPORT" in m or "MISSING" in m], printed
+    assert said == [f"critic: a new value head (classifier.bias, classifier.weight) on {folder}'s backbone"]
+    assert critic.classifier.out_features == 1
 
 
 def test_offline_non_finite_steps_stop(tmp_path, monkeypatch):

@@ -9,19 +9,20 @@ import importlib.util
 import math
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastppo.reference import RolloutCorrection
 from fastppo.trainer import lora
 from fastppo.trainer.errors import UsageError
 from fastppo.trainer.hub import check_model
 from fastppo.trainer.metrics import reporters
+from fastppo.trainer.sources import Source, check_source
 
 #: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
 SECTIONS = {
     "model": ("policy critic attention padding_free fused_lm_head gradient_checkpointing lora_r lora_alpha "
               "lora_dropout lora_target_modules").split(),
-    "data": "prompts reward".split(),
+    "data": ("prompts data_split data_config prompt_column reward reward_weights reward_batch_size "
+             "format_regex").split(),
     "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
                 "dynamic_sampling").split(),
     "algorithm": ("algo advantage policy_loss loss_agg kl_coef kl_estimator kl_in kl_target kl_horizon "
@@ -37,23 +38,78 @@ SECTIONS = {
 }  # fmt: skip
 
 
-def _check_sources(*, models: tuple[str, ...], files: tuple[str, ...], config) -> None:
-    """Model fields: a folder or a Hugging Face model id; file fields: an existing file."""
+def _check_sources(*, models: tuple[str, ...], data: tuple[str, ...], config) -> None:
+    """Model fields: a folder or a Hugging Face model id; data fields: a file, a dataset folder or a
+    dataset id (``sources.check_source``)."""
     for name in models:
         if getattr(config, name) is not None:
             check_model(getattr(config, name), name)
-    for name in files:
-        path = getattr(config, name)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{name}: no such file: {path}")
+    for name in data:
+        if getattr(config, name) is not None:
+            check_source(Source.of(config, name))
 
 
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
 
+def check_reward_fields(cfg) -> None:
+    """``rewards.check_reward_fields``: the --reward entries, weights, batch size and format regex
+    (imported here when called: rewards.py imports this module)."""
+    from fastppo.trainer.rewards import check_reward_fields as check
+
+    check(cfg)
+
+
 @dataclass
-class PPOConfig:
+class DataFields:
+    """Where the rows of ``--data`` come from, in every loop and ``fastppo eval``
+    (``data.load_rows``)."""
+
+    data_split: str = _help(
+        "The split of a dataset folder (save_to_disk) or Hugging Face dataset id given as --data.",
+        default="train",
+    )
+    data_config: str | None = _help(
+        "The configuration (subset) of a Hugging Face dataset id, e.g. 'main' for gsm8k.", default=None
+    )
+    prompt_column: str = _help(
+        "The column that holds each row's prompt: text, or a list of chat messages "
+        "({'role', 'content'}) rendered with the tokenizer's chat template.",
+        default="prompt",
+    )
+
+
+#: The think/answer layout that ``--reward format`` checks by default.
+DEFAULT_FORMAT_REGEX = r"^<think>.*?</think>\s*<answer>.*?</answer>$"
+
+
+@dataclass
+class RewardFields:
+    """What scores each response, in the PPO family and ``fastppo eval`` (``rewards.load_rewards``)."""
+
+    reward: str = _help(
+        "What scores each response: a built-in (echo: the synthetic task; math, exact, format), "
+        "'module:function' or 'file.py:function' (called as fn(prompts, completions, **columns)), or a "
+        "sequence-classification reward model (a folder or a Hugging Face id). Several: comma-separated "
+        "or --reward repeated; the score is their weighted sum.",
+        default="echo",
+    )
+    reward_weights: str | None = _help(
+        "Comma-separated weights of the rewards, in --reward's order (default: 1 each).", default=None
+    )
+    reward_batch_size: int = _help(
+        "Responses per forward pass of a reward model (on the training device, bf16 autocast on a GPU).",
+        default=32,
+    )
+    format_regex: str = _help(
+        "What --reward format matches the whole response against (Python re, DOTALL).",
+        default=DEFAULT_FORMAT_REGEX,
+    )
+
+
+@dataclass
+class PPOConfig(DataFields, RewardFields):
     """`fastppo train <preset>`: PPO and the critic-free methods. ``algo`` names a preset
     (fastppo.trainer.algorithms.PRESETS); a field left unset (None) takes the preset's value."""
 
@@ -109,13 +165,10 @@ class PPOConfig:
 
     # Data.
     prompts: str | None = _help(
-        "JSONL or Parquet file with a 'prompt' per row. Default: synthetic prompts of the built-in task.",
+        "The prompts (alias --data): a JSONL, JSON, CSV or Parquet file, a save_to_disk folder or a "
+        "Hugging Face dataset id (from the local cache), with a 'prompt' column (--prompt_column) and any "
+        "columns the reward takes. Default: synthetic prompts of the built-in task.",
         default=None,
-    )
-    reward: str = _help(
-        "'echo' (the built-in synthetic task), 'module:function' (a Python function taking "
-        "(prompts, responses) and returning scores) or the path of a sequence-classification reward model.",
-        default="echo",
     )
 
     # Rollout.
@@ -342,9 +395,8 @@ class PPOConfig:
         if self.lora_r > 0 and self.fsdp:
             raise UsageError("lora_r with fsdp: not supported yet; use DDP (leave fsdp off) or lora_r 0")
         reporters(self.report_to)  # a bad entry, or wandb asked for but not installed, fails here
-        _check_sources(models=("policy", "critic"), files=("prompts",), config=self)
-        if self.reward != "echo" and ":" not in self.reward:
-            check_model(self.reward, "reward")
+        _check_sources(models=("policy", "critic"), data=("prompts",), config=self)
+        check_reward_fields(self)
 
     def rollout_correction(self) -> RolloutCorrection | None:
         """The ``fastppo.RolloutCorrection`` of the rollout_is options, or None when off."""
@@ -393,7 +445,7 @@ def _one_of(name: str, value, choices) -> None:
 
 
 @dataclass
-class OfflineConfig:
+class OfflineConfig(DataFields):
     """Fields shared by the offline loops (SFT, reward model, DPO)."""
 
     model: str | None = _help(
@@ -402,7 +454,9 @@ class OfflineConfig:
         default=None,
     )
     data: str | None = _help(
-        "JSONL file of the loop's rows. Default: synthetic rows of the built-in task.", default=None
+        "The loop's rows: a JSONL, JSON, CSV or Parquet file, a save_to_disk folder or a Hugging Face "
+        "dataset id (from the local cache). Default: synthetic rows of the built-in task.",
+        default=None,
     )
     output_dir: str = _help("Where checkpoints and metrics.jsonl go.", default="fastppo-runs/offline")
     resume: bool = _help(
@@ -477,7 +531,7 @@ class OfflineConfig:
             )
         lora.check_options(self)
         reporters(self.report_to)
-        _check_sources(models=("model",), files=("data",), config=self)
+        _check_sources(models=("model",), data=("data",), config=self)
 
 
 @dataclass

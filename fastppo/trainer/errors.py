@@ -19,6 +19,16 @@ class Interrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM in a single process: the run stopped at once, mid-iteration,
+    without saving it (the newest checkpoint is what a resume finds). A ``KeyboardInterrupt``, so
+    that nothing that catches ``Exception`` swallows it."""
+
+    def __init__(self, signal_name: str, signal_number: int):
+        super().__init__(f"{signal_name} again: stopped at once")
+        self.signal_name, self.signal_number = signal_name, signal_number
+
+
 class EngineError(RuntimeError):
     """The rollout engine failed or its weights do not match the trainer's. ``updated``: the
     iteration's update was done when it happened (the failure was in the sync after it), so the

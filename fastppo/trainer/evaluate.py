@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 import fastppo
-from fastppo.trainer import checkpoint, lora, runtime, sampling, tiny
-from fastppo.trainer.config import check_engine_fields
-from fastppo.trainer.data import PromptRows, read_prompt_rows
+from fastppo.trainer import checkpoint, hub, lora, runtime, sampling, tiny
+from fastppo.trainer.config import DataFields, RewardFields, check_engine_fields
+from fastppo.trainer.data import PromptRows, check_chat_template, read_prompt_rows
 from fastppo.trainer.errors import EngineError, UsageError
 from fastppo.trainer.hub import check_model
 from fastppo.trainer.layout import to_padded
 from fastppo.trainer.passes import token_logprobs_of
-from fastppo.trainer.rewards import Reward, load_reward
+from fastppo.trainer.rewards import Rewards, check_reward_fields, load_rewards
+from fastppo.trainer.sources import Source, check_source
 
 
 def _help(text: str, **kwargs):
@@ -38,8 +38,19 @@ def _help(text: str, **kwargs):
 
 
 @dataclass
-class EvalConfig:
-    policy: str = _help("The policy to evaluate, A: a folder (e.g. a checkpoint's policy/) or a model id.")
+class EvalConfig(DataFields, RewardFields):
+    """``fastppo eval``: what to evaluate, on which prompts, scored how (the data and reward fields are
+    training's)."""
+
+    policy: str | None = field(
+        default=None,
+        metadata={
+            "required": True,
+            "help": (
+                "The policy to evaluate, A: a folder (a run folder, a checkpoint's policy/) or a model id."
+            ),
+        },
+    )
     baseline: str | None = _help(
         "A model to put beside it, B (e.g. its starting point, the checkpoint's reference/): both "
         "answer the same prompts with the same sampling seed; the table adds A − B and A's win rate.",
@@ -50,9 +61,9 @@ class EvalConfig:
         "else beside --baseline's; none there: no KL).",
         default=None,
     )
-    reward: str = _help("As in `fastppo train ppo --reward`.", default="echo")
     prompts: str | None = _help(
-        "JSONL or Parquet file with a 'prompt' per row, as in training (default: synthetic held-out).",
+        "The prompts, as in training (alias --data): a JSONL, JSON, CSV or Parquet file, a save_to_disk "
+        "folder or a Hugging Face dataset id (default: synthetic held-out).",
         default=None,
     )
     n_prompts: int = _help("Prompts to evaluate (the first N of --prompts).", default=256)
@@ -91,10 +102,9 @@ class EvalConfig:
             folders = [Path(p) for p in (self.policy, self.baseline) if p is not None and Path(p).is_dir()]
             self.reference = next((str(p.parent / "reference") for p in folders
                                    if (p.parent / "reference").is_dir()), None)  # fmt: skip
-        if self.prompts is not None and not Path(self.prompts).is_file():
-            raise UsageError(f"prompts: no such file: {self.prompts}")
-        if self.reward != "echo" and ":" not in self.reward:
-            check_model(self.reward, "reward")
+        if self.prompts is not None:
+            check_source(Source.of(self, "prompts"))  # a file, a dataset folder or a dataset id
+        check_reward_fields(self)
         for name in ("n_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -166,6 +176,7 @@ class Responses:
     tokens: list[list[int]]  # (N, ragged) response token ids, up to and including EOS
     scores: list[float]  # (N,) reward of each response
     kls: list[float] | None  # (N,) k1 KL to the reference summed over the response; None without one
+    parts: dict[str, list[float]] = field(default_factory=dict)  # each reward's (N,) scores, by name
 
     @property
     def lengths(self) -> list[int]:
@@ -184,7 +195,8 @@ METRICS = {
 
 
 def summary(run: Responses) -> dict:
-    """One model's metrics: the keys of ``METRICS``, ``prompts`` and ``reward_stderr``."""
+    """One model's metrics: the keys of ``METRICS``, ``prompts``, ``reward_stderr`` and each
+    reward's mean as ``reward/<name>`` (see ``part_keys``)."""
     return {
         "prompts": len(run.scores),
         "reward": mean(run.scores),
@@ -194,7 +206,12 @@ def summary(run: Responses) -> dict:
         "distinct_1": distinct_n(run.tokens, 1),
         "distinct_2": distinct_n(run.tokens, 2),
         "repeated_3gram_rate": repeated_ngram_rate(run.tokens, 3),
-    }
+    } | {f"reward/{name}": mean(values) for name, values in run.parts.items()}
+
+
+def part_keys(result: dict) -> list[str]:
+    """The per-reward keys of a ``summary``: ``reward/<name>``, in --reward's order."""
+    return [k for k in result if k.startswith("reward/")]
 
 
 def summarize(runs: dict[str, Responses]) -> dict:
@@ -207,7 +224,7 @@ def summarize(runs: dict[str, Responses]) -> dict:
         return a
     b = summary(runs["baseline"])
     scores_a, scores_b = runs["policy"].scores, runs["baseline"].scores
-    difference = {k: None if a[k] is None or b[k] is None else a[k] - b[k] for k in METRICS}
+    difference = {k: None if a[k] is None or b[k] is None else a[k] - b[k] for k in [*METRICS, *part_keys(a)]}
     difference["reward_stderr"] = stderr([x - y for x, y in zip(scores_a, scores_b, strict=True)])
     return {"policy": a, "baseline": b, "difference": difference, "win_rate": win_rate(scores_a, scores_b)}
 
@@ -220,7 +237,7 @@ def load_model(arg: str, path: str, device: torch.device):
     """(tokenizer, causal LM in eval mode on ``device``) from ``path`` (a folder or a model id),
     given as the field ``arg``; one that does not load is a ``UsageError`` naming it."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = hub.load_tokenizer(path)
         model = lora.load_causal_lm(path)  # a LoRA adapter folder: on the reference/ (base) beside it
     except (OSError, ValueError) as exc:
         raise UsageError(f"{arg}: cannot load {path} ({str(exc).strip().splitlines()[0]})") from exc
@@ -230,12 +247,11 @@ def load_model(arg: str, path: str, device: torch.device):
 
 
 def load_prompts(cfg: EvalConfig) -> PromptRows:
-    """The first ``n_prompts`` rows of ``--prompts`` (JSONL or Parquet, read whole as training reads
-    them), or synthetic prompts of the echo task drawn with the eval seed (training draws with its
-    own)."""
+    """The first ``n_prompts`` rows of ``--prompts`` (any source training reads), or synthetic
+    prompts of the echo task drawn with the eval seed (training draws with its own)."""
     if cfg.prompts is None:
         return PromptRows(tiny.synthetic_prompts(cfg.n_prompts, cfg.seed))
-    rows = read_prompt_rows(cfg.prompts)
+    rows = read_prompt_rows(Source.of(cfg, "prompts"), cfg.prompt_column)
     return PromptRows(*rows.take(list(range(min(cfg.n_prompts, len(rows))))))
 
 
@@ -271,7 +287,7 @@ def engine_serving(engine: sampling.Sampler, arg: str, model) -> sampling.Sample
 
 @torch.no_grad()
 def respond(
-    sampler, model, tokenizer, prompts: PromptRows, reward: Reward, reference, cfg: EvalConfig, device
+    sampler, model, tokenizer, prompts: PromptRows, reward: Rewards, reference, cfg: EvalConfig, device
 ) -> Responses:
     """``model``'s responses to ``prompts`` (N rows), drawn by ``sampler`` (which samples ``model``)
     after seeding with ``cfg.seed``, scored by ``reward`` (given the rows' columns) and, when
@@ -286,7 +302,10 @@ def respond(
         mask = samples.response_mask  # (B, R)
         run.texts += samples.texts
         columns["completion_ids"] = samples.response_ids()
-        run.scores += reward(chunk, samples.texts, columns).values
+        scored = reward(chunk, samples.texts, columns)
+        run.scores += scored.values
+        for name, part in scored.parts.items():
+            run.parts.setdefault(name, []).extend(part.values)
         run.tokens += columns["completion_ids"]
         if reference is not None:
             tokens = samples.tokens(padding_free=False)
@@ -315,10 +334,11 @@ def sample(cfg: EvalConfig, log=lambda message: None) -> tuple[list[str], dict[s
             if path is None:
                 continue
             tokenizer, model = load_model(arg, path, device)
+            check_chat_template(tokenizer, prompts.prompts[:16], arg)
             if reference is not None and reference.config.vocab_size != model.config.vocab_size:
                 raise UsageError(f"reference: a vocabulary of {reference.config.vocab_size} tokens, "
                                  f"{arg} has {model.config.vocab_size}")  # fmt: skip
-            reward = reward or load_reward(cfg.reward, tokenizer)
+            reward = reward or load_rewards(cfg, tokenizer, device)
             if cfg.rollout_engine == "hf":
                 sampler = sampling.HFSampler(model, tokenizer)
             else:
@@ -377,6 +397,9 @@ def format_table(result: dict) -> str:
             b_cell = f"{_number(b[key])} ± {b['reward_stderr']:.3f}" if paired else ""
             delta += f" ± {diff['reward_stderr']:.3f}" if paired else ""
             rows.append((label, a_cell, b_cell, delta))
+            for part in part_keys(a):  # each reward's mean, under the (weighted) total
+                rows.append((f"  {part}", _number(a[part]), _number(b.get(part)) if paired else "",
+                             _number(diff.get(part), signed=True) if paired else ""))  # fmt: skip
             if paired:
                 rows.append(("win rate of A over B", "", "", f"{result['win_rate']:.3f}"))
             continue

@@ -2,9 +2,30 @@
 Hugging Face model id that ``from_pretrained`` reads from the hub cache (and downloads into it when
 online). Checked when the config is built, so that a wrong one stops the run with one line."""
 
+import json
 from pathlib import Path
 
 from fastppo.trainer.errors import UsageError
+
+#: ``tokenizer_class`` of a tokenizer whose tokenizer.json is its whole definition (the embedded
+#: default's, and any built with the ``tokenizers`` library).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in ``path`` (a folder or a model id). A folder whose tokenizer is declared
+    generic is read as ``PreTrainedTokenizerFast``: with a config.json beside it, transformers 5's
+    ``AutoTokenizer`` rebuilds it as the model type's tokenizer (a Qwen2 one for the tiny models:
+    another pre-tokenizer, which drops the spaces)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path).expanduser() / "tokenizer_config.json"
+    try:
+        declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    loader = PreTrainedTokenizerFast if declared in GENERIC_TOKENIZERS else AutoTokenizer
+    return loader.from_pretrained(path)
 
 
 def looks_like_model_id(value: str) -> bool:

@@ -19,21 +19,21 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     get_scheduler,
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, lora, runtime, tiny
+from fastppo.trainer import checkpoint, data, hub, lora, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.errors import Interrupted
 from fastppo.trainer.layout import TokenBatch
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.passes import token_logprobs_of
+from fastppo.trainer.sources import Source
 
 
 def load_tokenizer(cfg: OfflineConfig):
-    tokenizer = tiny.build_tokenizer() if cfg.model is None else AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = tiny.build_tokenizer() if cfg.model is None else hub.load_tokenizer(cfg.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -253,10 +253,18 @@ def train_step(cfg, model, tokenizer, rows_batch, loss_fn, optimizer, scheduler,
     return {k: float(v) for k, v in batch_metrics.items()}
 
 
+def read_data(cfg: OfflineConfig, fields: tuple[str, ...], tokenizer) -> list[dict]:
+    """``--data``'s rows whole (they are shuffled in memory), each with ``fields``; chat-message
+    prompts need the tokenizer's chat template (checked on the first rows)."""
+    rows = data.read_rows(Source.of(cfg, "data"), fields, prompt_column=cfg.prompt_column)
+    data.check_chat_template(tokenizer, [row["prompt"] for row in rows[:16]], "model")
+    return rows
+
+
 def train_sft(cfg: SFTConfig, log=print) -> list[dict]:
     tokenizer = load_tokenizer(cfg)
     rows = (
-        data.read_rows(cfg.data, ("prompt", "response"))
+        read_data(cfg, ("prompt", "response"), tokenizer)
         if cfg.data
         else data.synthetic_sft(cfg.n_synthetic, cfg.seed)
     )
@@ -278,7 +286,7 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
     model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
     model = lora.prepare(model, cfg, task_type="SEQ_CLS")  # LoRA: the score head trains in full
     fields = ("prompt", "chosen", "rejected")
-    rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    rows = read_data(cfg, fields, tokenizer) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "rm", model, tokenizer, rows, reward_model_loss, log)
 
 
@@ -290,5 +298,5 @@ def train_dpo(cfg: DPOConfig, log=print) -> list[dict]:
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False).to(runtime.resolve_device(cfg.device))
     fields = ("prompt", "chosen", "rejected")
-    rows = data.read_rows(cfg.data, fields) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
+    rows = read_data(cfg, fields, tokenizer) if cfg.data else data.synthetic_pairs(cfg.n_synthetic, cfg.seed)
     return fit(cfg, "dpo", policy, tokenizer, rows, make_dpo_loss(cfg, reference), log)

@@ -13,6 +13,7 @@ Where the KL goes (``kl_in``), what the estimator needs (a critic, groups) and h
 computed are read from the registries in ``algorithms.py``; nothing here branches on the preset.
 """
 
+import contextlib
 import copy
 import gc
 import json
@@ -20,42 +21,43 @@ import math
 import random
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, get_scheduler
 
 import fastppo
 from fastppo import packing
-from fastppo.trainer import algorithms, checkpoint, lora, runtime, sampling, timing, tiny
+from fastppo.trainer import algorithms, checkpoint, hub, loading, lora, runtime, sampling, timing, tiny
 from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES, AdvantageInputs, PolicyLossInputs
 from fastppo.trainer.config import PPOConfig
-from fastppo.trainer.data import PromptRows, read_prompt_rows
+from fastppo.trainer.data import DatasetPromptRows, PromptRows, check_chat_template, read_prompt_rows
 from fastppo.trainer.errors import EngineError, Interrupted, UsageError
 from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.passes import token_logprobs_of, values_of
-from fastppo.trainer.rewards import Reward, load_reward
+from fastppo.trainer.rewards import Rewards, load_rewards
 from fastppo.trainer.rollout import Rollout, collect
+from fastppo.trainer.sources import Source
 
 # --------------------------------------------------------------------------------------------
 # Set-up and resume.
 
 
-def load_models(cfg: PPOConfig, attention: str):
+def load_models(cfg: PPOConfig, attention: str, log=print):
     """Tokenizer, policy, reference (a frozen copy of the policy) and critic (None unless the
     advantage estimator needs one); ``attention`` is the ``attn_implementation`` of all three.
 
     With ``lora_r`` > 0 the policy is a peft model (a LoRA adapter on frozen base weights) and the
     reference is that same model with its adapter disabled (``lora.AdapterDisabled``), not a copy.
-    The critic is always trained in full. ``gradient_checkpointing``: on in the policy and critic."""
+    The critic is always trained in full. ``gradient_checkpointing``: on in the policy and critic.
+    A critic read from a causal LM's folder gets a new value head: ``log`` says so in one line."""
     if cfg.policy is None:
         tokenizer = tiny.build_tokenizer()
         policy = tiny.build_policy(tokenizer, cfg.seed, attention, tiny.head_dim_for(cfg.rollout_engine))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+        tokenizer = hub.load_tokenizer(cfg.policy)
         policy = AutoModelForCausalLM.from_pretrained(cfg.policy, attn_implementation=attention)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -70,9 +72,10 @@ def load_models(cfg: PPOConfig, attention: str):
         if cfg.critic is None and cfg.policy is None:
             critic = tiny.build_critic(tokenizer, cfg.seed, attention, tiny.head_dim_for(cfg.rollout_engine))
         else:
-            critic = AutoModelForTokenClassification.from_pretrained(
-                cfg.critic or cfg.policy, num_labels=1, attn_implementation=attention
-            )
+            critic = loading.from_pretrained_with_new_head(
+                AutoModelForTokenClassification, cfg.critic or cfg.policy, "critic", log,
+                num_labels=1, attn_implementation=attention,
+            )  # fmt: skip
         disable_dropout(critic)
         if cfg.gradient_checkpointing:
             lora.enable_gradient_checkpointing(critic)
@@ -89,11 +92,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def load_prompts(cfg: PPOConfig) -> PromptRows:
-    """``--prompts``' rows whole (the reward gets every other column), or the echo task's prompts."""
+def load_prompts(cfg: PPOConfig, tokenizer=None) -> PromptRows | DatasetPromptRows:
+    """``--prompts``' rows, read from its dataset when sampled (the reward gets every other column),
+    or the echo task's prompts. With ``tokenizer``: chat-message prompts need its chat template."""
     if cfg.prompts is None:
         return PromptRows(tiny.synthetic_prompts(4096, cfg.seed))
-    return read_prompt_rows(cfg.prompts)
+    rows = read_prompt_rows(Source.of(cfg, "prompts"), cfg.prompt_column)
+    if tokenizer is not None:
+        check_chat_template(tokenizer, rows.take(range(min(len(rows), 16)))[0], "policy")
+    return rows
 
 
 @dataclass
@@ -110,8 +117,8 @@ class Run:
     critic: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: object
-    prompts: PromptRows
-    reward: Reward
+    prompts: PromptRows | DatasetPromptRows
+    reward: Rewards
     kl_coef: float
     start: int  # iterations done before this process started (resume)
     nonfinite: runtime.NonFiniteSteps
@@ -140,7 +147,8 @@ def set_up(cfg: PPOConfig, log) -> Run:
     attention = runtime.attention_implementation(cfg.attention, device)
     if cfg.padding_free is None:
         cfg = replace(cfg, padding_free=runtime.varlen_attention(attention))
-    tokenizer, policy, reference, critic = load_models(cfg, attention)
+    quiet = lambda *_: None  # noqa: E731
+    tokenizer, policy, reference, critic = load_models(cfg, attention, log if distributed.main else quiet)
     policy, reference = policy.to(device), reference.to(device)
     critic = critic.to(device) if critic is not None else None
     last = checkpoint.latest_checkpoint(out) if cfg.resume else None
@@ -168,10 +176,12 @@ def set_up(cfg: PPOConfig, log) -> Run:
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
     run = Run(
         cfg=cfg, device=device, distributed=distributed, out=out, tokenizer=tokenizer, policy=policy,
-        reference=reference, critic=critic, optimizer=optimizer, scheduler=None, prompts=load_prompts(cfg),
-        reward=load_reward(cfg.reward, tokenizer), kl_coef=cfg.kl_coef, start=0,
+        reference=reference, critic=critic, optimizer=optimizer, scheduler=None,
+        prompts=load_prompts(cfg, tokenizer), reward=load_rewards(cfg, tokenizer, device),
+        kl_coef=cfg.kl_coef, start=0,
         nonfinite=runtime.NonFiniteSteps(cfg.max_nonfinite_steps),
     )  # fmt: skip
+    run.reward.check_columns(run.prompts.column_names)  # --reward math without an answer column: now
     steps_per_iteration = cfg.ppo_epochs * math.ceil(
         run.prompts_per_iteration * cfg.group_size / cfg.minibatch_size
     )
@@ -329,7 +339,8 @@ def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
 
 def update(run: Run, batch: Rollout, iteration: int) -> dict:
     """``ppo_epochs`` passes of shuffled mini-batches over ``batch``; returns the mean losses and
-    stats, and how many sequences each pass used.
+    stats, how many sequences each pass used, and ``skipped_update`` (1 when none was left, so no
+    step was taken: counted, and summed up once at the end of ``train``).
     Every rank takes as many optimizer steps (collectives under DDP and FSDP): ranks that keep
     different numbers of responses all update on the smallest count."""
     cfg, device = run.cfg, run.device
@@ -337,8 +348,6 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
     if run.distributed.enabled:
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
     n_used = int(n)
-    if n_used == 0:
-        warnings.warn(f"iteration {iteration}: no sequence left for the update, skipped", stacklevel=1)
     for model in run.trained.values():
         model.train()
     totals = dict.fromkeys(("policy_loss", "value_loss", *loss_stats(cfg)), 0.0)
@@ -356,7 +365,8 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
             run.optimizer.step()
             run.scheduler.step()
             steps += 1
-    return {k: v / max(steps, 1) for k, v in totals.items()} | {"updated_sequences": n_used}
+    means = {k: v / max(steps, 1) for k, v in totals.items()}
+    return means | {"updated_sequences": n_used, "skipped_update": float(n_used == 0)}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -387,6 +397,22 @@ def sampler_metrics(rollout: Rollout) -> dict:
     )
 
 
+def reward_part_metrics(rollout: Rollout) -> dict:
+    """Each reward's ``reward/<name>/mean``, ``/std`` and ``/invalid`` (its None or NaN scores),
+    for every --reward, one or several: ``reward`` is their weighted sum."""
+    metrics = {}
+    for name, values in rollout.reward_parts.items():
+        metrics[f"reward/{name}/mean"] = float(values.mean())
+        metrics[f"reward/{name}/std"] = float(values.std())
+        metrics[f"reward/{name}/invalid"] = rollout.invalid_parts[name]  # summed over ranks in ``iterate``
+    return metrics
+
+
+def is_count(key: str) -> bool:
+    """Metrics that count responses: summed over ranks, not averaged."""
+    return key == "reward_invalid" or (key.startswith("reward/") and key.endswith("/invalid"))
+
+
 def rollout_metrics(rollout: Rollout) -> dict:
     lengths = rollout.response_mask.sum(1).float()
     metrics = {
@@ -396,6 +422,7 @@ def rollout_metrics(rollout: Rollout) -> dict:
         "truncated_fraction": float(rollout.truncated.float().mean()),
         "reward_invalid": rollout.invalid_scores,  # summed over ranks in ``iterate``
     }  # fmt: skip
+    metrics |= reward_part_metrics(rollout)
     if rollout.values is not None:
         metrics["explained_variance"] = explained_variance(
             rollout.values, rollout.returns, rollout.response_mask
@@ -422,7 +449,8 @@ def iterate(run: Run, iteration: int) -> dict:
         phases.seconds["generate"], 1e-9
     )
     record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, run.device, run.distributed)}
-    record["reward_invalid"] = round(record["reward_invalid"] * run.distributed.world_size)  # a count
+    for key in filter(is_count, list(record)):
+        record[key] = round(record[key] * run.distributed.world_size)
     if run.cfg.kl_target is not None:  # adaptive controller (Ziegler et al.), the same on every rank
         error = max(min(record["kl"] / run.cfg.kl_target - 1, 0.2), -0.2)
         run.kl_coef *= 1 + error * len(rollout) * run.distributed.world_size / run.cfg.kl_horizon
@@ -490,12 +518,38 @@ def finish(run: Run, log, check: bool = True) -> None:
     runtime.finish_distributed(run.distributed)
 
 
+@contextlib.contextmanager
+def released_if_stopped_at_once(run: Run, log, *closing):
+    """A run stopped at once (a second signal: ``errors.StoppedAtOnce``, or any KeyboardInterrupt)
+    still closes ``closing`` (progress bar, metrics) and its rollout engine on the way out."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for thing in closing:
+            thing.close()
+        finish(run, log, check=False)
+        raise
+
+
+def say_skipped_updates(history: list[dict], log) -> None:
+    """One line at the end of a run whose iterations had nothing left to update on (the
+    ``skipped_update`` metric says which), instead of a warning each time."""
+    skipped = sum(int(record.get("skipped_update", 0)) for record in history)
+    if skipped:
+        log(
+            f"{skipped} of {len(history)} iterations had no sequence left for the update "
+            "(all dropped by drop_truncated/dynamic_sampling)"
+        )
+
+
 def train(cfg: PPOConfig, log=print) -> list[dict]:
     """Run ``cfg``; returns the per-iteration metrics (also in output_dir/metrics.jsonl).
 
     SIGINT or SIGTERM (every rank gets it from a terminal's Ctrl-C or from torchrun) stops the run
     after the current iteration: all ranks save a checkpoint there, the plot is written, and
-    ``errors.Interrupted`` is raised (the CLI prints how to resume and exits non-zero)."""
+    ``errors.Interrupted`` is raised (the CLI prints how to resume and exits non-zero). A second
+    signal in a single process stops it at once without saving the iteration under way
+    (``errors.StoppedAtOnce``)."""
     run = set_up(cfg, log)
     history = []
     # A resumed run rewrites what the interrupted one logged after its checkpoint.
@@ -514,7 +568,7 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     stopping = runtime.StopOnSignal(
         log if run.distributed.main else quiet, repeat_stops=not run.distributed.enabled
     )
-    with stopping as stop:
+    with stopping as stop, released_if_stopped_at_once(run, log, bar, metrics):
         for iteration in bar:
             try:
                 record = iterate(run, iteration)
@@ -537,6 +591,8 @@ def train(cfg: PPOConfig, log=print) -> list[dict]:
     bar.close()
     metrics.close()
     finish(run, log)
+    if run.distributed.main:
+        say_skipped_updates(history, log)
     if signum:
         name = signal.Signals(signum).name
         raise Interrupted(name, signum, done, str(run.out / f"checkpoint-{done}"))

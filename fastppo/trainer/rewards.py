@@ -13,22 +13,30 @@ apart by its signature, never by trying).
 
 What it returns is checked (``checked_scores``): B numbers, where None or NaN scores 0 and is
 counted; anything else, or a function that raises, stops the run with one line naming the reward.
+
+Several rewards (``--reward math,format --reward_weights 1,0.2``) are a ``Rewards``: each response's
+score is the weighted sum of theirs, and each one's scores are kept apart (``RewardBreakdown``) for
+the metrics (``reward/<name>/mean``). The built-ins ``math``, ``exact`` and ``format`` are in
+``verifiable.py``.
 """
 
+import difflib
 import importlib
 import importlib.util
 import inspect
 import math
+import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from fastppo.trainer import tiny
+from fastppo.trainer import tiny, verifiable
+from fastppo.trainer.config import DEFAULT_FORMAT_REGEX
 from fastppo.trainer.errors import UsageError
+from fastppo.trainer.hub import check_model
 
 
 class RewardError(UsageError):
@@ -68,6 +76,15 @@ class Reward:
         extra = tuple(p.name for p in named if p not in leading)
         return cls(name, fn, extra, positional_only=not extra)
 
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """A ``RewardError`` naming the reward and the first column it takes that ``columns`` lack."""
+        missing = [c for c in self.columns or () if c not in columns]
+        if missing:
+            raise RewardError(
+                f"reward {self.name} takes the column {missing[0]!r}, which the data rows lack "
+                f"(they have {sorted(columns)})"
+            )
+
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> Scores:
         """Score B responses; ``columns`` (each a list of B values) includes ``completion_ids``."""
         if self.positional_only:
@@ -75,12 +92,7 @@ class Reward:
         elif self.columns is None:
             kwargs = columns
         else:
-            missing = [c for c in self.columns if c not in columns]
-            if missing:
-                raise RewardError(
-                    f"reward {self.name} takes the column {missing[0]!r}, which the data rows lack "
-                    f"(they have {sorted(columns)})"
-                )
+            self.check_columns(columns)
             kwargs = {c: columns[c] for c in self.columns}
         try:
             out = self.fn(prompts, completions, **kwargs)
@@ -116,18 +128,169 @@ def checked_scores(name: str, out, n: int) -> Scores:
     return Scores(scores, invalid)
 
 
+@dataclass
+class RewardBreakdown(Scores):
+    """Several rewards' scores of one batch: ``values`` (B,) their weighted sum, ``invalid`` the
+    None/NaN scores of all of them together, ``parts`` each one's ``Scores`` (B,) by its name."""
+
+    parts: dict[str, Scores] = field(default_factory=dict)
+
+
+@dataclass
+class Rewards:
+    """What ``--reward`` names, one or several, with their weights (``load_rewards``)."""
+
+    rewards: list[Reward]
+    weights: list[float]
+    names: list[str]  # unique, for the metrics (``RewardSpec.name``)
+
+    @classmethod
+    def of(cls, reward) -> "Rewards":
+        """``reward`` as a ``Rewards``: itself, or one ``Reward`` (or function) of weight 1."""
+        if isinstance(reward, Rewards):
+            return reward
+        reward = reward if isinstance(reward, Reward) else Reward.of(reward)
+        return cls([reward], [1.0], [reward.name])
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """A ``RewardError`` naming the first reward that takes a column ``columns`` lack (the data
+        rows' columns; ``completion_ids`` is always given)."""
+        for reward in self.rewards:
+            reward.check_columns([*columns, "completion_ids"])
+
+    def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> RewardBreakdown:
+        """Score B responses with every reward (see ``Reward.__call__``): their weighted sum (B,)
+        and each one's scores."""
+        parts = {name: reward(prompts, completions, columns)
+                 for name, reward in zip(self.names, self.rewards, strict=True)}  # fmt: skip
+        total = [0.0] * len(completions)
+        for weight, part in zip(self.weights, parts.values(), strict=True):
+            total = [t + weight * v for t, v in zip(total, part.values, strict=True)]
+        return RewardBreakdown(total, sum(p.invalid for p in parts.values()), parts)
+
+
 # --------------------------------------------------------------------------------------------
-# --reward NAME
+# --reward NAME[,NAME...] --reward_weights W[,W...]
+
+#: The rewards ``--reward`` knows by name.
+BUILTIN_REWARDS = ("echo", "math", "exact", "format")
 
 
-def load_reward(spec: str, tokenizer) -> Reward:
-    """The reward ``spec`` names: "echo" (the built-in task), "module:function" (a module
-    importable from here or from the current folder, or a file: "rewards.py:score"), or a
-    sequence-classification reward model (a folder or a Hugging Face id)."""
-    if spec == "echo":
-        return Reward.of(tiny.echo_reward, "echo")
-    if Path(spec).exists() or ":" not in spec:
-        return Reward.of(model_reward(spec, tokenizer), spec)
+@dataclass(frozen=True)
+class RewardSpec:
+    """One entry of ``--reward``."""
+
+    spec: str  # as given
+    name: str  # in the metrics: the spec, a file or folder by its last component, "#2" on a repeat
+    weight: float
+
+
+def is_function_spec(spec: str) -> bool:
+    """``module:function`` or ``file.py:function`` (not a model folder whose path has a colon)."""
+    return ":" in spec and not Path(spec).exists()
+
+
+def metric_name(spec: str) -> str:
+    """``spec`` as the metrics name it: a reward file or a model folder by its last component."""
+    if is_function_spec(spec):
+        module, _, function = spec.rpartition(":")
+        return f"{Path(module).name}:{function}" if module.endswith(".py") or "/" in module else spec
+    return Path(spec).name if Path(spec).exists() else spec
+
+
+def parse_reward_specs(reward: str, weights: str | None) -> list[RewardSpec]:
+    """``--reward`` (comma-separated) with ``--reward_weights`` (as many comma-separated finite
+    numbers; default 1 each); a ``UsageError`` naming the field for an empty entry, a weight that
+    is not a finite number, or another count of weights."""
+    specs = [s.strip() for s in reward.split(",")]
+    if not all(specs):
+        raise UsageError(f"reward: an empty entry in {reward!r}; comma-separated rewards expected")
+    values = [1.0] * len(specs) if weights is None else [_weight(w, weights) for w in weights.split(",")]
+    if len(values) != len(specs):
+        raise UsageError(f"reward_weights: {len(values)} weights ({weights}) for {len(specs)} rewards "
+                         f"({', '.join(specs)}); give one per reward")  # fmt: skip
+    names, seen = [], {}
+    for spec in specs:
+        name = metric_name(spec)
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return [RewardSpec(s, n, w) for s, n, w in zip(specs, names, values, strict=True)]
+
+
+def _weight(text: str, weights: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"reward_weights: {text.strip()!r} in {weights!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"reward_weights: {text.strip()!r} in {weights!r} is not a finite number")
+    return value
+
+
+def check_reward_fields(cfg) -> None:
+    """The reward fields of a config (``config.RewardFields``), checked when it is built: each
+    ``--reward`` entry a built-in, ``module:function`` or a model (``hub.check_model``), the
+    weights, ``reward_batch_size`` > 0 and ``format_regex`` a valid regular expression."""
+    for spec in parse_reward_specs(cfg.reward, cfg.reward_weights):
+        check_reward_spec(spec.spec)
+    if cfg.reward_batch_size <= 0:
+        raise UsageError(f"reward_batch_size must be > 0, got {cfg.reward_batch_size}")
+    try:
+        re.compile(cfg.format_regex, re.DOTALL)
+    except re.error as exc:
+        raise UsageError(
+            f"format_regex: {cfg.format_regex!r} is not a valid regular expression ({exc})"
+        ) from None
+
+
+def check_reward_spec(spec: str) -> None:
+    """One ``--reward`` entry, without importing or loading it (``load_reward`` does)."""
+    if spec in BUILTIN_REWARDS:
+        return
+    if is_function_spec(spec):
+        module, _, function = spec.rpartition(":")
+        if not module or not function.isidentifier():
+            raise UsageError(f"reward: {spec!r} is not module:function (or file.py:function)")
+        return
+    try:
+        check_model(spec, "reward")
+    except UsageError as exc:
+        if "/" in spec:
+            raise
+        close = difflib.get_close_matches(spec, BUILTIN_REWARDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"{exc}; the built-in rewards are {', '.join(BUILTIN_REWARDS)}{hint}") from None
+
+
+def load_rewards(cfg, tokenizer, device: torch.device | None = None) -> Rewards:
+    """What the reward fields of ``cfg`` (``config.RewardFields``: reward, reward_weights,
+    reward_batch_size, format_regex) name, loaded; a reward model on ``device`` and takes the
+    policy's ``tokenizer``."""
+    specs = parse_reward_specs(cfg.reward, cfg.reward_weights)
+    loaded = [load_reward(s.spec, tokenizer, device=device, batch_size=cfg.reward_batch_size,
+                          format_regex=cfg.format_regex) for s in specs]  # fmt: skip
+    return Rewards(loaded, [s.weight for s in specs], [s.name for s in specs])
+
+
+def load_reward(
+    spec: str,
+    tokenizer,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = 32,
+    format_regex: str = DEFAULT_FORMAT_REGEX,
+) -> Reward:
+    """The reward ``spec`` names: a built-in ("echo", the synthetic task; "math", "exact", "format":
+    ``verifiable.py``), "module:function" (a module importable from here or from the current
+    folder, or a file: "rewards.py:score"), or a sequence-classification reward model (a folder or
+    a Hugging Face id; ``batch_size`` responses per forward pass on ``device``)."""
+    builtin = {"echo": lambda: tiny.echo_reward, "math": lambda: verifiable.math_reward,
+               "exact": lambda: verifiable.exact_reward,
+               "format": lambda: verifiable.format_reward(format_regex)}  # fmt: skip
+    if spec in builtin:
+        return Reward.of(builtin[spec](), spec)
+    if not is_function_spec(spec):
+        return Reward.of(load_model_reward(spec, tokenizer, device, batch_size), spec)
     module, _, name = spec.rpartition(":")
     fn = getattr(import_reward_module(module), name, None)
     if fn is None:
@@ -135,6 +298,15 @@ def load_reward(spec: str, tokenizer) -> Reward:
     if not callable(fn):
         raise UsageError(f"reward: {spec} is not a function")
     return Reward.of(fn, spec)
+
+
+def load_model_reward(spec: str, tokenizer, device: torch.device | None, batch_size: int) -> Callable:
+    """A sequence-classification reward model as a function of (prompts, completions): its own
+    tokenizer and chat template (``tokenizer``, the policy's, when it ships none), on ``device``
+    (default CPU), ``batch_size`` responses per forward (``reward_model.RewardModel``)."""
+    from fastppo.trainer.reward_model import RewardModel
+
+    return RewardModel.load(spec, tokenizer, device or torch.device("cpu"), batch_size)
 
 
 def import_reward_module(module: str):
@@ -157,16 +329,3 @@ def import_reward_module(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise UsageError(f"reward: cannot import module {module!r} ({exc})") from None
-
-
-def model_reward(spec: str, tokenizer) -> Callable:
-    model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1).eval()
-
-    @torch.no_grad()
-    def score(prompts, responses):
-        batch = tokenizer(
-            [p + r for p, r in zip(prompts, responses, strict=True)], return_tensors="pt", padding=True
-        )
-        return model(**batch).logits[:, 0].float().tolist()
-
-    return score

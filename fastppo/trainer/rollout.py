@@ -11,14 +11,14 @@ n response tokens over the batch, listed row by row.
 """
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from fastppo.trainer import runtime
 from fastppo.trainer.layout import TokenBatch, response_tokens, to_padded
 from fastppo.trainer.passes import token_logprobs_of, values_of
-from fastppo.trainer.rewards import Reward
+from fastppo.trainer.rewards import Rewards
 from fastppo.trainer.sampling.base import Sampler, SamplingSettings, sample
 
 
@@ -38,7 +38,9 @@ class Rollout:
     rollout_logp: torch.Tensor | None = None  # (B, R) fp32, the sampler's own (rollout correction, metrics)
     advantages: torch.Tensor | None = None  # (B, R), set by the advantage estimator
     returns: torch.Tensor | None = None  # (B, R), the critic's targets (estimators with a critic)
-    invalid_scores: int = 0  # responses whose reward gave None or NaN (scored 0)
+    invalid_scores: int = 0  # scores that a reward gave as None or NaN (scored 0), all rewards together
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward's (B,) fp32, by name
+    invalid_parts: dict[str, int] = field(default_factory=dict)  # each reward's None or NaN scores
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -46,7 +48,9 @@ class Rollout:
     def select(self, idx: torch.Tensor) -> "Rollout":
         """The sequences ``idx`` (a 1-D index or bool tensor over B)."""
         kept = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in kept.items()})
+        pick = lambda v: v[idx] if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Rollout(**{k: {n: pick(x) for n, x in v.items()} if isinstance(v, dict) else pick(v)
+                          for k, v in kept.items()})  # fmt: skip
 
     def tokens(self, padding_free: bool) -> TokenBatch:
         return response_tokens(
@@ -85,10 +89,11 @@ def collect(
     ``passes.token_logprobs_of``) and the critic's values, all through one layout of the batch.
     ``settings.logprobs``: keep the log-probs the sampler drew the tokens with
     (``Rollout.rollout_logp``). ``phases``: a ``timing.Phases`` to charge generate, score, logprobs.
-    ``reward``: a ``rewards.Reward`` (or a function of (prompts, responses)), given each response's
-    row ``columns`` (each a list aligned with ``prompts``) and its token ids."""
+    ``reward``: a ``rewards.Rewards`` (or one ``Reward``, or a function of (prompts, responses)),
+    given each response's row ``columns`` (each a list aligned with ``prompts``) and its token ids;
+    ``scores`` is their weighted sum, ``reward_parts`` each one's."""
     repeated = [p for p in prompts for _ in range(group_size)]
-    reward = reward if isinstance(reward, Reward) else Reward.of(reward)
+    reward = Rewards.of(reward)
     policy.eval()
     if critic is not None:
         critic.eval()
@@ -98,6 +103,9 @@ def collect(
         per_response = {k: [x for x in v for _ in range(group_size)] for k, v in (columns or {}).items()}
         scored = reward(repeated, samples.texts, per_response | {"completion_ids": samples.response_ids()})
         scores = torch.tensor(scored.values, dtype=torch.float32, device=device)
+        parts = {
+            n: torch.tensor(p.values, dtype=torch.float32, device=device) for n, p in scored.parts.items()
+        }
     with phases("logprobs"):
         tokens = samples.tokens(padding_free)
         with runtime.autocast(device):
@@ -110,5 +118,6 @@ def collect(
         truncated=samples.truncated, group_ids=torch.arange(len(repeated), device=device) // group_size,
         scores=scores, old_logp=to_padded(old_logp, mask), ref_logp=to_padded(ref_logp, mask),
         values=to_padded(values, mask) if values is not None else None, rollout_logp=samples.sampler_logp,
-        invalid_scores=scored.invalid,
+        invalid_scores=scored.invalid, reward_parts=parts,
+        invalid_parts={n: p.invalid for n, p in scored.parts.items()},
     )  # fmt: skip

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastppo.trainer.errors import UsageError
+from fastppo.trainer.errors import StoppedAtOnce, UsageError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,11 +248,12 @@ class NonFiniteSteps:
 
 class StopOnSignal:
     """SIGINT and SIGTERM ask the run to stop at the end of the current step instead of killing it
-    mid-update: a signal sets a flag, and ``requested`` tells every rank the same answer. A single
-    process (``repeat_stops``) lets a second signal stop it at once, as Ctrl-C usually does; under
-    torchrun the agent forwards the terminal's signal again, so every one is caught (the agent
-    kills the workers after its own timeout). Handlers live in the main thread and are put back
-    on exit."""
+    mid-update: a signal sets a flag, and ``requested`` tells every rank the same answer. In a single
+    process (``repeat_stops``) a second signal stops it at once: the handler raises
+    ``errors.StoppedAtOnce`` (a ``KeyboardInterrupt``) wherever the main thread is, and the CLI
+    prints one line and the resume command for the newest checkpoint, no traceback. Under torchrun
+    the agent forwards the terminal's signal again, so every one is caught (the agent kills the
+    workers after its own timeout). Handlers live in the main thread and are put back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -260,12 +261,12 @@ class StopOnSignal:
         self.log, self.repeat_stops, self.received, self._previous = log, repeat_stops, 0, {}
 
     def _handle(self, signum, frame) -> None:
+        if self.received and self.repeat_stops:
+            raise StoppedAtOnce(signal.Signals(signum).name, signum)
         first = not self.received
         self.received = signum
-        if self.repeat_stops:  # the next one is not caught
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         if first:
-            again = " (again to stop at once)" if self.repeat_stops else ""
+            again = " (again to stop at once, without saving it)" if self.repeat_stops else ""
             self.log(f"{signal.Signals(signum).name}: stopping after this step{again}")
 
     def __enter__(self) -> "StopOnSignal":

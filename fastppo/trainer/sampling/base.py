@@ -101,8 +101,9 @@ def from_token_lists(
     )
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt token ids, with BOS when the tokenizer has one and its chat template when it has one."""
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Prompt token ids, with BOS when the tokenizer has one and its chat template when it has one;
+    a prompt is text or a list of chat messages (``data.apply_template``)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return [
         bos + tokenizer(apply_template(tokenizer, p), add_special_tokens=False).input_ids for p in prompts

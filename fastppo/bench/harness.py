@@ -1,4 +1,4 @@
-"""Timing, bandwidth and memory measurement shared by every ``bench/bench_<op>.py``.
+"""Timing, bandwidth and memory measurement shared by every ``fastppo/bench/bench_<op>.py``.
 
 A bench module yields ``Benchmark`` cases; ``run_cases`` measures each one and returns records in
 the schema of DESIGN §7. On CUDA, times come from ``triton.testing.do_bench`` (median and 20/80

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import fastppo
-from bench.harness import Benchmark
+from fastppo.bench.harness import Benchmark
 
 OPS = ("collate", "unpad", "plan_microbatches", "balanced_partition")
 

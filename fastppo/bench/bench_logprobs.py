@@ -18,8 +18,8 @@ import functools
 import torch
 
 import fastppo
-from bench import harness
-from bench.harness import Benchmark
+from fastppo.bench import harness
+from fastppo.bench.harness import Benchmark
 
 OP = "token_logprobs"
 OPS = (OP,)

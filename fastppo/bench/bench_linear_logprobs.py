@@ -15,8 +15,8 @@ Targets on an H200 at N = 16,384 with (H, V) = (896, 151,936) and (4,096, 128,25
 import torch
 
 import fastppo
-from bench import harness
-from bench.harness import Benchmark
+from fastppo.bench import harness
+from fastppo.bench.harness import Benchmark
 
 OP = "linear_logprobs"
 OPS = (OP,)

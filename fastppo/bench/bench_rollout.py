@@ -1,8 +1,8 @@
 """Rollout engines side by side: generated tokens per second of ``hf`` (transformers' generate) and
 ``vllm`` (a vLLM engine in this process) on the same random-weight model, prompts and settings.
 
-    python -m bench.bench_rollout                        # both models, B ∈ {32, 128}, 64 and 256 new tokens
-    python -m bench.bench_rollout --models tiny --engines hf,vllm --batches 32 --new_tokens 64
+    fastppo bench rollout                        # both models, B ∈ {32, 128}, 64 and 256 new tokens
+    fastppo bench rollout --models tiny --engines hf,vllm --batches 32 --new_tokens 64 --output DIR
 
 Models: ``tiny`` (the embedded default at vLLM's head size, 76 k parameters, vocabulary 32, here
 with 512 positions) and
@@ -10,7 +10,8 @@ with 512 positions) and
 CPU for both engines). Prompts are 64 random tokens; responses are sampled at temperature 1 and
 may end early at EOS, so the rate counts the tokens actually generated. Each cell is timed once
 after one warm-up call. ``vllm`` needs vLLM (the README's Rollout engines set-up); where it does not
-import, its rows say so. Writes ``bench/results/rollout-<device>-<date>.json`` and ``.md``.
+import, its rows say so. Writes ``rollout-<device>-<date>.json`` and ``.md`` into ``--output``
+(default ``./bench-results``; ``python -m bench rollout`` from the repository root: ``bench/results``).
 """
 
 import argparse
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.__main__ import device_name, git_commit
-from bench.bench_ppo_step import qwen2_config
+from fastppo.bench.bench_ppo_step import qwen2_config
+from fastppo.bench.run import device_name, git_commit
 from fastppo.trainer import tiny
 from fastppo.trainer.sampling import HFSampler, SamplingSettings
 
@@ -162,29 +163,33 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_rollout", description=__doc__.split("\n")[0])
+def main(argv=None, *, prog: str = "fastppo bench rollout", default_output: str = "bench-results") -> int:
+    """Run the rollout benchmark; ``--output`` is a folder (or, ending in .json, the file itself)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,0.5b")
     parser.add_argument("--engines", default="hf,vllm")
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--new_tokens", default="64,256")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--output", default=None, help="JSON path (default bench/results/rollout-<device>-<date>.json)"
+        "--output",
+        default=default_output,
+        help=f"folder for rollout-<device>-<date>.json and .md (default: {default_output})",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     result = run(args)
-    out = Path(
-        args.output or Path(__file__).parent / "results" / f"rollout-{result['device']}-{result['date']}.json"
-    )
+    out = Path(args.output)
+    if out.suffix != ".json":
+        out = out / f"rollout-{result['device']}-{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(f"# Rollout engines, {result['device']}, {result['date']} "
                                       f"(commit {result['commit']})\n\n{table(result)}\n")  # fmt: skip
     print(table(result))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

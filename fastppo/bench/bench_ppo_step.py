@@ -23,7 +23,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from bench.harness import Benchmark
+from fastppo.bench.harness import Benchmark
 from fastppo.trainer import ppo
 from fastppo.trainer.config import PPOConfig
 from fastppo.trainer.rollout import Rollout

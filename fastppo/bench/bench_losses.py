@@ -27,8 +27,8 @@ import functools
 import torch
 
 import fastppo
-from bench import harness
-from bench.harness import Benchmark
+from fastppo.bench import harness
+from fastppo.bench.harness import Benchmark
 
 #: Members of the policy-loss family: the op's options (verl's loss mode and clip ratios for the peer).
 FAMILY = {

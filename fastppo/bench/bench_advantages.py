@@ -15,8 +15,8 @@ per sequence.
 import torch
 
 import fastppo
-from bench import harness
-from bench.harness import Benchmark
+from fastppo.bench import harness
+from fastppo.bench.harness import Benchmark
 
 OPS = ("gae", "masked_whiten", "group_advantages")
 FULL_SHAPES = [(64, 1024), (256, 4096), (1024, 8192)]
