@@ -400,10 +400,13 @@ def sampler_metrics(rollout: Rollout) -> dict:
 def reward_part_metrics(rollout: Rollout) -> dict:
     """Each reward's ``reward/<name>/mean``, ``/std`` and ``/invalid`` (its None or NaN scores),
     for every --reward, one or several: ``reward`` is their weighted sum."""
+    if not rollout.reward_parts:
+        return {}
+    parts = torch.stack(list(rollout.reward_parts.values()))  # (K, B)
+    means, stds = torch.stack([parts.mean(1), parts.std(1)]).tolist()  # one read from the device
     metrics = {}
-    for name, values in rollout.reward_parts.items():
-        metrics[f"reward/{name}/mean"] = float(values.mean())
-        metrics[f"reward/{name}/std"] = float(values.std())
+    for name, mean, std in zip(rollout.reward_parts, means, stds, strict=True):
+        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean, std
         metrics[f"reward/{name}/invalid"] = rollout.invalid_parts[name]  # summed over ranks in ``iterate``
     return metrics
 
