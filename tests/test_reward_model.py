@@ -4,6 +4,7 @@ to the training device, a folder without a tokenizer falls back to the policy's,
 run trains against a reward model that ``fastppo train rm`` saved."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -187,10 +188,18 @@ def test_a_reward_model_that_does_not_load_is_one_line_naming_it(tmp_path):
     (tmp_path / "empty").mkdir()
     cases = {str(lm): "has no trained score head", str(tmp_path / "empty"): "not a sequence-classification",
              "./not-here": "no such folder"}  # fmt: skip
-    for spec, what in cases.items():
-        with pytest.raises(UsageError) as exc:
-            rewards.load_reward(spec, tokenizer, device=CPU, batch_size=4)
-        assert one_line(exc).startswith(f"reward {spec}: ") and what in str(exc.value)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers.modeling_utils").addHandler(handler)
+    try:
+        for spec, what in cases.items():
+            with pytest.raises(UsageError) as exc:
+                rewards.load_reward(spec, tokenizer, device=CPU, batch_size=4)
+            assert one_line(exc).startswith(f"reward {spec}: ") and what in str(exc.value)
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(handler)
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]  # the one line, not its table too
 
 
 @pytest.mark.usefixtures("loop_backend")

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 import fastppo
-from fastppo.trainer import checkpoint, data, hub, lora, runtime, tiny
+from fastppo.trainer import checkpoint, data, hub, loading, lora, runtime, tiny
 from fastppo.trainer.config import DPOConfig, OfflineConfig, RMConfig, SFTConfig
 from fastppo.trainer.errors import Interrupted
 from fastppo.trainer.layout import TokenBatch
@@ -280,9 +280,10 @@ def train_reward_model(cfg: RMConfig, log=print) -> list[dict]:
         torch.manual_seed(cfg.seed)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attention(cfg))
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model, num_labels=1, attn_implementation=attention(cfg)
-        )
+        model = loading.from_pretrained_with_new_head(
+            AutoModelForSequenceClassification, cfg.model, "reward model", log, head="score head",
+            num_labels=1, attn_implementation=attention(cfg),
+        )  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id  # scores are read at the last real token
     model = lora.prepare(model, cfg, task_type="SEQ_CLS")  # LoRA: the score head trains in full
     fields = ("prompt", "chosen", "rejected")

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from fastppo import packing
-from fastppo.trainer import hub, lora, runtime
+from fastppo.trainer import hub, loading, lora, runtime
 from fastppo.trainer.errors import UsageError
 
 #: Files one of which a folder holding a tokenizer has.
@@ -83,9 +83,10 @@ def load_classifier(spec: str, device: torch.device) -> torch.nn.Module:
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 model, missing = PeftModel.from_pretrained(base, spec).merge_and_unload(), []
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                spec, num_labels=1, output_loading_info=True
-            )
+            with loading.no_load_report():  # a missing head is our one line below, not its table
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    spec, num_labels=1, output_loading_info=True
+                )
             missing = info["missing_keys"]
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         raise UsageError(f"reward {spec}: not a sequence-classification model that loads "
