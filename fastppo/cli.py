@@ -96,6 +96,20 @@ def _group_flags(parser) -> None:
         if action.dest in section_of:
             default._group_actions.remove(action)
             groups[section_of[action.dest]]._group_actions.append(action)
+    for section, names in SECTIONS.items():  # in the section's order, not the dataclass's
+        groups[section]._group_actions.sort(key=lambda action: names.index(action.dest))
+
+
+def _shared_fields_last(parser) -> None:
+    """``fastppo eval``'s own flags first in its --help, then the data and reward fields it shares
+    with training (``config.DataFields``, ``config.RewardFields``)."""
+    from dataclasses import fields
+
+    from fastppo.trainer.config import DataFields, RewardFields
+
+    shared = {f.name for f in fields(DataFields) + fields(RewardFields)}
+    options = parser._action_groups[1]._group_actions
+    options.sort(key=lambda action: action.dest in shared)  # stable: each part keeps its order
 
 
 def _read_config_file(path: str) -> dict:
@@ -328,6 +342,7 @@ def eval_command(argv: list[str]) -> int:
     from fastppo.trainer.evaluate import EvalConfig, evaluate, format_table
 
     parser = HfArgumentParser(EvalConfig, prog="fastppo eval")
+    _shared_fields_last(parser)
     argv = _canonical(argv, {}, {"data": "prompts"})[0]  # --data as in training; --reward a --reward b
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:

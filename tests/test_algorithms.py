@@ -225,6 +225,17 @@ def test_cli_lists_presets_and_groups_flags():
     positions = [help_text.find(s) for s in sections]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), positions
     assert help_text.find("\n  --kl_in") > help_text.find("\nalgorithm:")
+    data_flags = [
+        help_text.find(f"\n  --{name} ") for name in ("prompts", "data_split", "reward", "format_regex")
+    ]
+    assert data_flags == sorted(data_flags) and data_flags[0] > help_text.find("\ndata:"), data_flags
+    eval_help = fastppo_cli("eval", "--help").stdout  # its own flags first, the shared ones after
+    assert (
+        0
+        < eval_help.find("\n  --policy ")
+        < eval_help.find("\n  --reward ")
+        < eval_help.find("\n  --data_split ")
+    )
 
 
 def test_every_field_has_one_help_section():
