@@ -39,6 +39,7 @@ from fastppo.trainer.metrics import MetricsWriter
 from fastppo.trainer.passes import token_logprobs_of, values_of
 from fastppo.trainer.rewards import Rewards, load_rewards
 from fastppo.trainer.rollout import Rollout, collect
+from fastppo.trainer.rollout_stats import is_count, kl_per_token, rollout_metrics
 from fastppo.trainer.sources import Source
 
 # --------------------------------------------------------------------------------------------
@@ -225,11 +226,6 @@ def sample_rollout(run: Run, phases=None) -> Rollout:
     )  # fmt: skip
 
 
-def kl_per_token(rollout: Rollout, estimator: str) -> torch.Tensor:
-    """(B, R) KL estimate of the sampling policy against the reference, 0 after each response."""
-    return fastppo.kl_penalty(rollout.old_logp, rollout.ref_logp, estimator) * rollout.response_mask
-
-
 def kept_for_update(cfg: PPOConfig, rollout: Rollout) -> torch.Tensor:
     """(B,) bool: the responses the update uses (all but the truncated ones with drop_truncated,
     and the groups of equal scores with dynamic_sampling). Their scores still count in the metrics."""
@@ -309,7 +305,29 @@ def loss_stats(cfg: PPOConfig) -> tuple[str, ...]:
     return LOSS_STATS + (("is_filtered",) if cfg.rollout_is != "off" else ())
 
 
-def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
+@dataclass
+class LossTotals:
+    """The update's losses and loss statistics, summed over micro-batches on the device and read to
+    the host once per iteration (``means``): no device-to-host read in the micro-batch loop."""
+
+    names: tuple[str, ...]  # "policy_loss", "value_loss", then ``loss_stats(cfg)``
+    sums: torch.Tensor  # (K,) fp32, on the training device
+
+    @classmethod
+    def zeros(cls, cfg: PPOConfig, device: torch.device) -> "LossTotals":
+        names = ("policy_loss", "value_loss", *loss_stats(cfg))
+        return cls(names, torch.zeros(len(names), device=device))
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one micro-batch's 0-d ``values`` of every name."""
+        self.sums += torch.stack([values[name].detach().float().reshape(()) for name in self.names])
+
+    def means(self, steps: int) -> dict[str, float]:
+        """Each sum over ``steps`` optimizer steps (one read from the device)."""
+        return dict(zip(self.names, (self.sums / max(steps, 1)).tolist(), strict=True))
+
+
+def accumulate_gradients(run: Run, batch: Rollout, totals: LossTotals) -> None:
     """Backward of one mini-batch over the micro-batches planned for its token budget.
 
     Ranks plan their own micro-batches, then split some until all have the same count (FSDP runs
@@ -330,11 +348,10 @@ def accumulate_gradients(run: Run, batch: Rollout, totals: dict) -> None:
                 kl_coef=run.kl_coef, normaliser=normaliser, n_tokens=n_tokens, device=run.device,
             )  # fmt: skip
             loss.backward()
-        totals["policy_loss"] += policy_loss.item()
-        totals["value_loss"] += value_loss.item()
         stats["approx_kl_k3"] = stats["ratio_mean"] - 1 + stats["approx_kl"]  # mean of (r − 1) − log r
-        for key in loss_stats(cfg):
-            totals[key] += stats[key].item() * len(micro) / len(batch)
+        share = len(micro) / len(batch)  # the statistics are means over the mini-batch's sequences
+        totals.add({"policy_loss": policy_loss, "value_loss": value_loss}
+                   | {key: stats[key] * share for key in loss_stats(cfg)})  # fmt: skip
 
 
 def update(run: Run, batch: Rollout, iteration: int) -> dict:
@@ -350,7 +367,7 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
     n_used = int(n)
     for model in run.trained.values():
         model.train()
-    totals = dict.fromkeys(("policy_loss", "value_loss", *loss_stats(cfg)), 0.0)
+    totals = LossTotals.zeros(cfg, device)
     steps = 0
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for _ in range(cfg.ppo_epochs if n_used > 0 else 0):
@@ -365,74 +382,7 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
             run.optimizer.step()
             run.scheduler.step()
             steps += 1
-    means = {k: v / max(steps, 1) for k, v in totals.items()}
-    return means | {"updated_sequences": n_used, "skipped_update": float(n_used == 0)}
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(returns − values) / Var(returns) over the response tokens: how much of the return
-    the critic predicts (1 perfect, 0 no better than the mean, negative worse)."""
-    r, v = returns[mask], values[mask]
-    var = r.var(unbiased=False) if r.numel() > 1 else r.new_zeros(())
-    return float(1 - (r - v).var(unbiased=False) / var) if var > 0 else float("nan")
-
-
-#: π_trainer/π_sampler outside this band counts in ``is_ratio_outside``: the tail a mean hides.
-RATIO_BAND = (0.8, 1.25)
-
-
-def sampler_metrics(rollout: Rollout) -> dict:
-    """How far the sampler's distribution is from the trainer's π_old over the rollout's tokens:
-    ``rollout_kl`` mean of (log π_sampler − log π_old) (k1), ``rollout_kl_k3``, ``is_weight_mean``
-    mean of π_old/π_sampler (before any truncation) and ``is_ratio_outside``, the fraction of
-    tokens whose ratio lies outside ``RATIO_BAND``."""
-    m = rollout.response_mask
-    d = (rollout.rollout_logp - rollout.old_logp)[m]
-    ratio = torch.exp(-d)
-    outside = (ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])
-    k3 = fastppo.kl_penalty(rollout.rollout_logp[m], rollout.old_logp[m], "k3")
-    values = torch.stack([d.mean(), k3.mean(), ratio.mean(), outside.float().mean()]).tolist()
-    return dict(
-        zip(("rollout_kl", "rollout_kl_k3", "is_weight_mean", "is_ratio_outside"), values, strict=True)
-    )
-
-
-def reward_part_metrics(rollout: Rollout) -> dict:
-    """Each reward's ``reward/<name>/mean``, ``/std`` and ``/invalid`` (its None or NaN scores),
-    for every --reward, one or several: ``reward`` is their weighted sum."""
-    if not rollout.reward_parts:
-        return {}
-    parts = torch.stack(list(rollout.reward_parts.values()))  # (K, B)
-    means, stds = torch.stack([parts.mean(1), parts.std(1)]).tolist()  # one read from the device
-    metrics = {}
-    for name, mean, std in zip(rollout.reward_parts, means, stds, strict=True):
-        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean, std
-        metrics[f"reward/{name}/invalid"] = rollout.invalid_parts[name]  # summed over ranks in ``iterate``
-    return metrics
-
-
-def is_count(key: str) -> bool:
-    """Metrics that count responses: summed over ranks, not averaged."""
-    return key == "reward_invalid" or (key.startswith("reward/") and key.endswith("/invalid"))
-
-
-def rollout_metrics(rollout: Rollout) -> dict:
-    lengths = rollout.response_mask.sum(1).float()
-    metrics = {
-        "reward": float(rollout.scores.mean()), "reward_std": float(rollout.scores.std()),
-        "kl": float(kl_per_token(rollout, "k1").sum(1).mean()),  # per response, summed over its tokens
-        "response_length": float(lengths.mean()),
-        "truncated_fraction": float(rollout.truncated.float().mean()),
-        "reward_invalid": rollout.invalid_scores,  # summed over ranks in ``iterate``
-    }  # fmt: skip
-    metrics |= reward_part_metrics(rollout)
-    if rollout.values is not None:
-        metrics["explained_variance"] = explained_variance(
-            rollout.values, rollout.returns, rollout.response_mask
-        )
-    if rollout.rollout_logp is not None and rollout.response_mask.any():
-        metrics |= sampler_metrics(rollout)
-    return metrics
+    return totals.means(steps) | {"updated_sequences": n_used, "skipped_update": float(n_used == 0)}
 
 
 def iterate(run: Run, iteration: int) -> dict:
