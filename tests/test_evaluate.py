@@ -176,3 +176,20 @@ def test_bad_input_is_one_line_naming_the_argument(folders, tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fastppo eval: ")
     assert message.format(tmp=tmp_path) in err
+
+
+def test_eval_reads_any_source_training_reads(tmp_path):
+    """`fastppo eval --data` takes a save_to_disk folder with --data_split and --prompt_column, as
+    training does: the first n_prompts rows of that split, each with its other columns."""
+    import datasets
+
+    rows = [{"question": p, "answer": p[0]} for p in tiny.synthetic_prompts(6, 2)]
+    splits = {"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows[2:])}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "saved")
+    tokenizer = tiny.build_tokenizer()
+    policy = save(tiny.build_policy(tokenizer, seed=0), tokenizer, tmp_path / "policy")
+    cfg = EvalConfig(policy=policy, prompts=str(tmp_path / "saved"), data_split="test",
+                     prompt_column="question", n_prompts=3)  # fmt: skip
+    loaded = evaluate.load_prompts(cfg)
+    assert loaded.prompts == [r["question"] for r in rows[2:5]]
+    assert loaded.columns == {"answer": [r["answer"] for r in rows[2:5]]}
