@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from fastppo import packing
-from fastppo.trainer import hub, loading, lora, runtime
+from fastppo.trainer import data, hub, loading, lora, runtime
 from fastppo.trainer.errors import UsageError
 
 #: Files one of which a folder holding a tokenizer has.
@@ -103,10 +103,7 @@ def as_messages(prompt, name: str) -> list[dict]:
     dicts is taken as it is."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, (list, tuple)) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in prompt
-    ):
+    if data.is_messages(prompt):  # the rule the data reader checked every row's prompt with
         return list(prompt)
     raise UsageError(f"reward {name}: a prompt is a string or a list of {{'role', 'content'}} messages, "
                      f"got {str(prompt)[:80]}")  # fmt: skip
