@@ -14,6 +14,7 @@ the source, and the row where there is one (its line, for a JSON-lines file).
 """
 
 import contextlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,10 @@ def check_source(source: Source) -> None:
     kind = source.kind
     if kind == "missing":
         raise UsageError(f"{source.arg}: no such file: {source.value}")
+    if importlib.util.find_spec("datasets") is None:  # a core dependency, imported only to read data
+        raise UsageError(
+            f"{source.arg}: reading {source.value} needs the datasets library (pip install datasets)"
+        )
     if kind == "folder" and not _dataset_folder(source.path):
         raise UsageError(
             f"{source.arg}: {source.value} holds no dataset (no save_to_disk state.json or "
