@@ -113,3 +113,33 @@ def check_layout(
             f"cu_seqlens must start at 0, never decrease and end at N={shape[0]}, got {host.tolist()[:16]}"
         )
     return cu_seqlens.contiguous(), int(lengths.max()) if lengths.numel() else 0
+
+
+def assert_async(ok: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` where the 0-d bool ``ok`` is False, without a host read: a
+    synchronous RuntimeError on CPU, a device-side assert on CUDA (as torch's own index checks)."""
+    torch._assert_async(ok, message)
+
+
+def check_cu_seqlens(cu_seqlens, shape: torch.Size, device) -> torch.Tensor:
+    """Packed sequences: ``cu_seqlens`` (S + 1,) integer, a leading 0, never decreasing, ending at
+    N = shape[0] for per-token inputs of ``shape`` (N,). Shape and dtype are checked here, the
+    values by ``assert_async`` (no host read). Returns it as contiguous int32."""
+    check_tensor("cu_seqlens", cu_seqlens, integer=True)
+    if len(shape) != 1:
+        raise ValueError(f"cu_seqlens needs packed (N,) inputs, got inputs of shape {tuple(shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape (S + 1,), got {tuple(cu_seqlens.shape)}")
+    check_same_device(cu_seqlens=cu_seqlens, tokens=torch.empty(0, device=device))
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == shape[0]) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    assert_async(
+        ok, f"cu_seqlens must start at 0, never decrease and end at the number of tokens ({shape[0]})"
+    )
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
+def check_labels(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Labels in [0, V) or equal to ``ignore_index``, checked by ``assert_async`` (no host read)."""
+    if labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        assert_async(~bad.any(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")

@@ -77,27 +77,22 @@ def presets():
 
 
 def train_usage() -> str:
-    """What ``fastppo train --help`` prints: every preset and offline loop, one line each."""
-    lines = ["usage: fastppo train NAME [CONFIG.json|yaml] [--field value ...]", "", "online presets:"]
-    lines += [f"  {name:<12} {preset.summary}" for name, preset in presets().items()]
-    lines += ["", "offline loops:"] + [f"  {name:<12} {summary}" for name, summary in OFFLINE.items()]
+    """What ``fastppo train --help`` prints: every preset and offline loop, then the advantage
+    estimators and policy losses a preset's flags can choose, one line each (from the registries)."""
+    from fastppo.trainer.algorithms import ADVANTAGES, POLICY_LOSSES
+
+    lines = ["usage: fastppo train NAME [CONFIG.json|yaml] [--flag value ...]", "", "online presets:"]
+    width = max(map(len, [*presets(), *ADVANTAGES, *POLICY_LOSSES])) + 1
+    lines += [f"  {name:<{width}} {preset.summary}" for name, preset in presets().items()]
+    lines += ["", "offline loops:"] + [f"  {name:<{width}} {summary}" for name, summary in OFFLINE.items()]
+    for title, entries in (("advantage estimators (--advantage)", ADVANTAGES),
+                           ("policy losses (--policy_loss)", POLICY_LOSSES)):  # fmt: skip
+        lines += ["", f"{title}, [the flags each reads]:"]
+        for name, entry in entries.items():
+            read = " ".join(f"--{flag}" for flag in (*(p.name for p in entry.params), *entry.reads))
+            lines.append(f"  {name:<{width}} {entry.summary}" + (f" [{read}]" if read else ""))
     lines += ["", "`fastppo train NAME --help` lists NAME's flags."]
     return "\n".join(lines)
-
-
-def _group_flags(parser) -> None:
-    """Move the flags of PPOConfig's fields into the help sections of ``config.SECTIONS``."""
-    from fastppo.trainer.config import SECTIONS
-
-    section_of = {name: section for section, names in SECTIONS.items() for name in names}
-    groups = {section: parser.add_argument_group(section) for section in SECTIONS}
-    default = parser._action_groups[1]  # argparse's "options" section
-    for action in list(default._group_actions):
-        if action.dest in section_of:
-            default._group_actions.remove(action)
-            groups[section_of[action.dest]]._group_actions.append(action)
-    for section, names in SECTIONS.items():  # in the section's order, not the dataclass's
-        groups[section]._group_actions.sort(key=lambda action: names.index(action.dest))
 
 
 def _shared_fields_last(parser) -> None:
@@ -225,29 +220,53 @@ def merge_repeated(argv: list[str]) -> list[str]:
 def parse_train_config(name: str, argv: list[str]):
     """The config of ``name`` from an optional JSON/YAML file and command-line flags (flags win).
     A mistake in either is a ``UsageError`` naming the file, field or flag."""
-    from transformers import HfArgumentParser
-
-    from fastppo.trainer import config
+    from fastppo.trainer import flags
     from fastppo.trainer.errors import UsageError
 
-    classes = {"dpo": config.DPOConfig, "rm": config.RMConfig, "sft": config.SFTConfig}
-    dataclass_type = classes.get(name, config.PPOConfig)
-    description = OFFLINE.get(name) or presets()[name].summary
-    parser = HfArgumentParser(dataclass_type, prog=f"fastppo train {name}", description=description)
-    if name not in OFFLINE:
-        parser.set_defaults(algo=name)
-        _group_flags(parser)
     aliases = _ALIASES["offline" if name in OFFLINE else "ppo"]
     path = argv[0] if argv and argv[0].endswith((".json", ".yaml", ".yml")) else None
     argv, values = _canonical(argv[1:] if path else argv, _read_config_file(path) if path else {}, aliases)
+    dataclass_type, parser = train_parser(name, argv, values)
     if path:
-        _check_file_values(path, values, {a.dest: a for a in parser._actions if a.dest != "help"})
+        actions = {}
+        for action in parser._actions:  # a bool's --no_ flag shares its dest: the first is the flag
+            actions.setdefault(action.dest, action)
+        actions.pop("help")
+        _check_file_values(path, values, actions)
         parser.set_defaults(**values)
-    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    cfg, unknown = flags.parse(parser, dataclass_type, argv)
     if unknown:
-        flags = [a for a in parser._option_string_actions if a.startswith("--")]
-        raise UsageError(f"unknown flag {unknown[0]}{_did_you_mean(unknown[0], flags)}; see --help")
+        known = [a for a in parser._option_string_actions if a.startswith("--")]
+        raise UsageError(f"unknown flag {unknown[0]}{_did_you_mean(unknown[0], known)}; see --help")
     return cfg
+
+
+def train_parser(name: str, argv: list[str], values: dict):
+    """(config class, parser) of ``fastppo train name``. A preset's parser has the preset's
+    defaults and lists the flags of the estimator and loss chosen (the preset's, or those that
+    ``argv`` or the config file ``values`` name); the other choices' flags are accepted unlisted."""
+    from fastppo.trainer import config, flags
+
+    if name in OFFLINE:
+        dataclass_type = {"dpo": config.DPOConfig, "rm": config.RMConfig, "sft": config.SFTConfig}[name]
+        parser = flags.build_parser(dataclass_type, prog=f"fastppo train {name}", description=OFFLINE[name])
+        return dataclass_type, parser
+    dataclass_type = config.ppo_config()
+    defaults = config.resolved_defaults(dataclass_type, name)
+    advantage, policy_loss = (_last_flag_value(argv, key) or values.get(key) or defaults[key]
+                              for key in ("advantage", "policy_loss"))  # fmt: skip
+    parser = flags.preset_parser(dataclass_type, name, presets()[name].summary, advantage, policy_loss)
+    return dataclass_type, parser
+
+
+def _last_flag_value(argv: list[str], name: str) -> str | None:
+    """The value of the last ``--name V`` or ``--name=V`` in ``argv`` (None without one)."""
+    found = None
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in (f"--{name}", f"--{name.replace('_', '-')}"):
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
 
 
 def _resume_hint(algo: str, argv: list[str]) -> str:

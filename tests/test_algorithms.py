@@ -1,8 +1,10 @@
 """The registries of advantage estimators and policy losses (each entry against the op it names),
 the loss aggregations, the presets (each trains the embedded default) and their config and CLI."""
 
+import dataclasses
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,12 +28,19 @@ def batch(seed=0, B=6, R=5):
 
 
 def test_registries_cover_the_presets():
-    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++-baseline"}
-    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "rloo", "reinforce++", "dapo", "gspo", "cispo"}
-    assert set(POLICY_LOSSES) == {"ppo-clip", "gspo", "cispo", "sapo", "geo_mean"}
+    """Each preset names registered entries and sets only config fields; each entry's flags are
+    config fields; the registries are not empty (the built-ins register when algorithms imports)."""
+    assert ADVANTAGES and POLICY_LOSSES and PRESETS
+    fields = {f.name for f in dataclasses.fields(PPOConfig)}
     for preset in PRESETS.values():
         assert preset.defaults["advantage"] in ADVANTAGES
-    assert [e.name for e in ADVANTAGES.values() if e.needs_critic] == ["gae"]
+        assert preset.defaults.get("policy_loss", "ppo-clip") in POLICY_LOSSES
+        assert set(preset.defaults) <= fields, preset.name
+    for entry in (*ADVANTAGES.values(), *POLICY_LOSSES.values()):
+        assert {p.name for p in entry.params} | set(entry.reads) <= fields, entry.name
+    assert any(e.needs_critic for e in ADVANTAGES.values())  # the critic's flags have an owner
+    with pytest.raises(ValueError, match="preset bad must set group_size, kl_in, kl_estimator"):
+        algorithms.Preset("bad", "no group size", dict(advantage="grpo"))
 
 
 def test_gae_entry():
@@ -76,14 +85,26 @@ def test_whitening_statistics_come_from_kept_responses():
     assert (got[~x.mask] == 0).all()
 
 
-@pytest.mark.parametrize(
-    "name, loss, ratio_level",
-    [("ppo-clip", "clip", "token"), ("gspo", "clip", "sequence"), ("cispo", "cispo", "token"),
-     ("sapo", "sapo", "token"), ("geo_mean", "geo_mean", "token")],
-)  # fmt: skip
+#: What each policy loss is: its member of fastppo.ppo_policy_loss's family and the op options its
+#: hyperparameters become (at HYPERPARAMETERS' values). A new loss adds its row here.
+_CLIPS = dict(clip_low=0.2, clip_high=0.28)
+OP_OF_LOSS = {
+    "ppo-clip": dict(loss="clip", ratio_level="token", dual_clip=3.0, **_CLIPS),
+    "gspo": dict(loss="clip", ratio_level="sequence", dual_clip=3.0, **_CLIPS),
+    "cispo": dict(loss="cispo", **_CLIPS),
+    "sapo": dict(loss="sapo", sapo_tau=(1.0, 2.0)),  # the clip options do not change sapo (below)
+    "geo_mean": dict(loss="geo_mean", **_CLIPS),
+}
+HYPERPARAMETERS = SimpleNamespace(clip_low=0.2, clip_high=0.28, dual_clip=3.0, sapo_tau_pos=1.0,
+                                  sapo_tau_neg=2.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
 @pytest.mark.parametrize("corrected", [False, True])
-def test_policy_loss_entries_are_the_op(name, loss, ratio_level, corrected):
-    """Each entry is the op over the packed response tokens (a row per response, by cu_seqlens)."""
+def test_policy_loss_entries_are_the_op(name, corrected):
+    """Each entry is the op over the packed response tokens (a row per response, by cu_seqlens),
+    its hyperparameters given from a config (``bound``)."""
+    assert name in OP_OF_LOSS, f"policy loss {name}: add the op member it is to OP_OF_LOSS"
     g = torch.Generator().manual_seed(1)
     lengths = torch.tensor([5, 0, 3, 1, 7, 4])
     n = int(lengths.sum())
@@ -100,18 +121,20 @@ def test_policy_loss_entries_are_the_op(name, loss, ratio_level, corrected):
     roll = roll if corrected else None
     x = PolicyLossInputs(logp=logp, old_logp=old, advantages=adv, weights=weights, cu_seqlens=cu,
                          ref_logp=ref, kl_coef=0.1, kl_estimator="k2", entropy=entropy, entropy_coef=0.01,
-                         clip_low=0.2, clip_high=0.28, dual_clip=3.0, sapo_tau=(1.0, 2.0), rollout_logp=roll,
-                         rollout_correction=rc)  # fmt: skip
-    loss_value, stats = POLICY_LOSSES[name].compute(x)
-    want, want_stats = fastppo.ppo_policy_loss(
-        logp, old, adv, weights, agg="token-sum", clip_low=0.2, clip_high=0.28,
-        dual_clip=3.0 if loss == "clip" else None, ref_logp=ref, kl_coef=0.1, kl_estimator="k2",
-        entropy=entropy, entropy_coef=0.01, loss=loss, ratio_level=ratio_level, sapo_tau=(1.0, 2.0),
-        cu_seqlens=cu, rollout_logp=roll, rollout_correction=rc,
-    )  # fmt: skip
+                         rollout_logp=roll, rollout_correction=rc)  # fmt: skip
+    loss_value, stats = POLICY_LOSSES[name].bound(HYPERPARAMETERS).compute(x)
+    common = dict(agg="token-sum", ref_logp=ref, kl_coef=0.1, kl_estimator="k2", entropy=entropy,
+                  entropy_coef=0.01, cu_seqlens=cu, rollout_logp=roll, rollout_correction=rc)  # fmt: skip
+    want, want_stats = fastppo.ppo_policy_loss(logp, old, adv, weights, **common, **OP_OF_LOSS[name])
     torch.testing.assert_close(loss_value, want)
     assert stats.keys() == want_stats.keys()
     assert ("is_weight_mean" in stats) == corrected
+    if name == "sapo":  # the trainer once passed the clips to sapo too: the same loss and stats
+        clipped, clipped_stats = fastppo.ppo_policy_loss(logp, old, adv, weights, **common, **_CLIPS,
+                                                         **OP_OF_LOSS[name])  # fmt: skip
+        torch.testing.assert_close(clipped, want)
+        for key, value in want_stats.items():
+            torch.testing.assert_close(clipped_stats[key], value, msg=key)
 
 
 def test_loss_aggregations():
@@ -124,9 +147,12 @@ def test_loss_aggregations():
         "seq-mean-token-sum-norm": torch.stack([loss[i][mask[i]].sum() / 4 for i in range(3)]).mean(),
     }
     assert by_hand.keys() == algorithms.LOSS_AGGREGATIONS.keys()
+    lengths = mask.sum(1)  # the packed layout: the (n,) response tokens row by row, their bounds
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     for agg, want in by_hand.items():
-        weights = algorithms.token_weights(mask, agg)
-        got = (weights * loss).sum() / algorithms.loss_normaliser(mask, agg, max_new_tokens=4)
+        weights = algorithms.token_weights(cu, int(mask.sum()), agg)
+        normaliser = algorithms.loss_normaliser(lengths.tolist(), agg, max_new_tokens=4)
+        got = (weights * loss[mask]).sum() / normaliser
         torch.testing.assert_close(got, want, msg=agg)
 
 
@@ -220,6 +246,8 @@ def test_cli_lists_presets_and_groups_flags():
     for name, preset in PRESETS.items():
         assert f"{name} " in listing.stdout and preset.summary in listing.stdout
     assert "dpo" in listing.stdout and "sft" in listing.stdout
+    for entry in (*ADVANTAGES.values(), *POLICY_LOSSES.values()):  # the choices of their flags
+        assert f"  {entry.name} " in listing.stdout and entry.summary in listing.stdout
     help_text = fastppo_cli("train", "grpo", "--help").stdout
     sections = [f"\n{g}:" for g in ("model", "data", "rollout", "algorithm", "optimisation", "logging")]
     positions = [help_text.find(s) for s in sections]
@@ -239,9 +267,9 @@ def test_cli_lists_presets_and_groups_flags():
 
 
 def test_every_field_has_one_help_section():
-    import dataclasses
+    from fastppo.trainer.flags import section_fields
 
-    from fastppo.trainer.config import SECTIONS
-
-    listed = [name for names in SECTIONS.values() for name in names]
+    listed = [name for names in section_fields(PPOConfig).values() for name in names]
     assert sorted(listed) == sorted(f.name for f in dataclasses.fields(PPOConfig))
+    algorithm = section_fields(PPOConfig)["algorithm"]  # the losses' own flags follow --policy_loss
+    assert algorithm.index("clip_low") == algorithm.index("policy_loss") + 1

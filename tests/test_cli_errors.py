@@ -57,6 +57,12 @@ def files(tmp_path):
         (["--policy", "./no/such/folder"], "policy: no such folder: ./no/such/folder"),
         (["--lrr", "1"], "unknown flag --lrr (did you mean --lr?); see --help"),
         (["--ppo_epochs", "0"], "ppo_epochs must be > 0, got 0"),
+        (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (["--resume", "maybe"], "argument --resume: expected true or false, got 'maybe'"),
+        (["--advantage", "a2c"], "advantage must be one of gae, grpo, "),  # the registry's names
+        (["--policy_loss", "sapo", "--sapo_tau_neg", "0"], "sapo_tau_neg must be > 0, got 0.0"),
+        (["--clip_low", "inf"], "clip_low must be > 0, got inf"),
+        (["--dual_clip", "1"], "dual_clip must be > 1, got 1.0"),
         (
             ["--rollout_is", "token", "--rollout_is_low", "5"],
             "rollout_is_low must be None or in [0, high=2.0]",

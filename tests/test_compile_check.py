@@ -11,6 +11,7 @@ from compile_fixtures import kernels as fixtures
 
 import fastppo
 from fastppo.kernels import INTERPRETED, compile_check
+from fastppo.kernels._common import codes
 from fastppo.kernels.compile_check import compile_launches, main, recording
 
 pytestmark = pytest.mark.skipif(
@@ -107,3 +108,45 @@ def test_recorder_keeps_only_the_modules_it_is_asked_for():
     finally:
         recorder.stop()
     assert [launch["kernel"] for launch in recorder.launches.values()] == ["_kl_penalty_fwd_kernel"]
+
+
+def test_named_codes_compile_where_a_namedtuple_global_does_not():
+    """``_common.codes``: a kernel compares with ``MODE.negate`` in the interpreter and the compiler;
+    the same comparison with a plain namedtuple global runs interpreted and fails to compile."""
+    x, out = torch.tensor([1.0, -2.0]), torch.empty(2)
+    good = record(fixtures.by_code, (1,), x, out, 2, BLOCK=16, M=fixtures.MODE.of("negate", "mode"))
+    assert torch.equal(out, -x)
+    bad = record(fixtures.by_plain_namedtuple, (1,), x, out, 2, BLOCK=16, M=1)
+    assert torch.equal(out, -x)
+    results = compile_launches(good + bad, python=TRITON36_PYTHON, jobs=1)
+    assert [r["ok"] for r in results] == [True, True, False, False]
+    assert all("global variable _PLAIN_MODE" in r["error"] for r in results[2:])
+
+
+def test_named_codes_on_the_host():
+    agg = codes("Agg", ("token-mean", "token-sum"))
+    assert (agg.token_mean, agg.token_sum, len(agg), agg.names) == (0, 1, 2, ("token-mean", "token-sum"))
+    assert agg.of("token-sum", "agg") == 1
+    with pytest.raises(ValueError, match="^agg must be one of token-mean, token-sum; got 'sum'$"):
+        agg.of("sum", "agg")
+
+
+def test_report_summarises_each_kernel_and_block_size(tmp_path):
+    """16-byte loads need a size the JIT knows to be a multiple of 16: N = 128 has them (4 lanes of
+    a thread's 4 contiguous floats), N = 47 not."""
+    x, out = torch.zeros(128), torch.empty(128)
+    with recording() as launches:
+        fixtures.clamp_below[(1,)](x, out, 128, BLOCK=128, num_warps=1)
+        fixtures.clamp_below[(1,)](x, out, 47, BLOCK=128, num_warps=1)
+        fixtures.clamp_below[(1,)](x, out, 47, BLOCK=16, num_warps=1)
+    launches = list(launches.values())
+    results = compile_launches(launches, targets=("cuda:90",), jobs=1, with_report=True)
+    summary = {k["kernel"]: k for k in compile_check.kernel_summary(launches, results)}
+    assert list(summary) == ["kernels.clamp_below[BLOCK=16]", "kernels.clamp_below[BLOCK=128]"]
+    wide = summary["kernels.clamp_below[BLOCK=128]"]
+    assert (wide["compiled"], wide["with_16_byte_loads"]) == (2, 1)
+    assert summary["kernels.clamp_below[BLOCK=16]"]["with_16_byte_loads"] == 0
+    assert all(k["spill_bytes"] == 0 and k["registers"] > 0 for k in summary.values())
+    report = tmp_path / "report.md"
+    compile_check.write_report(str(report), launches, results)
+    assert "| `kernels.clamp_below[BLOCK=128]` | 2 |" in report.read_text()

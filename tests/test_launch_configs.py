@@ -12,10 +12,11 @@ import torch
 
 import fastppo
 from fastppo import reference
-from fastppo.kernels.gae import _block_t as gae_block_t
-from fastppo.kernels.group_advantages import _block as group_block
-from fastppo.kernels.masked_reduce import chunking
-from fastppo.kernels.shape_rewards import _block_t as shape_rewards_block_t
+from fastppo.kernels import gae as gae_kernel
+from fastppo.kernels import group_advantages as group_kernel
+from fastppo.kernels import masked_reduce
+from fastppo.kernels import shape_rewards as shape_rewards_kernel
+from fastppo.kernels._common import block_size
 from fastppo.kernels.token_logprobs import _launch_config
 
 # Beyond these the choices are constant (every launcher clamps its block sizes).
@@ -106,8 +107,12 @@ def loss_batch(T: int, seed: int):
 
 
 def token_chunk_sizes() -> list[int]:
-    lengths = smallest_input_per_choice(chunking, range(1, LONGEST_SEQUENCE))
-    return sorted(lengths.values()) + [2 * chunking(LONGEST_SEQUENCE)[0] + 1]  # several chunks per row
+    def choose(T):
+        layout = masked_reduce.token_layout(torch.Size((2, T)), None)
+        return layout.block, layout.parts > 1
+
+    lengths = smallest_input_per_choice(choose, range(1, LONGEST_SEQUENCE))
+    return sorted(lengths.values()) + [2 * masked_reduce.MAX_BLOCK + 1]  # several blocks per row
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
@@ -145,13 +150,13 @@ def scan_batch(T: int, seed: int):
 
 
 def test_advantages_every_sequence_block(device):
-    lengths = smallest_input_per_choice(gae_block_t, range(1, LONGEST_SEQUENCE))
-    lengths.update(
-        {
-            f"shape {k}": v
-            for k, v in smallest_input_per_choice(shape_rewards_block_t, range(1, 2**13)).items()
-        }
+    lengths = smallest_input_per_choice(
+        lambda n: block_size(n, gae_kernel.MAX_BLOCK), range(1, LONGEST_SEQUENCE)
     )
+    shape_blocks = smallest_input_per_choice(
+        lambda n: block_size(n, shape_rewards_kernel.MAX_BLOCK), range(1, 2**13)
+    )
+    lengths.update({f"shape {k}": v for k, v in shape_blocks.items()})
     for T in sorted(set(lengths.values())):
         rewards, values, mask = scan_batch(T, seed=T)
         scores = torch.randn(2)
@@ -180,7 +185,8 @@ def test_advantages_every_sequence_block(device):
 
 
 def test_group_advantages_every_group_block(device):
-    for n in sorted(smallest_input_per_choice(group_block, range(1, 2**12)).values()):
+    blocks = smallest_input_per_choice(lambda n: block_size(n, group_kernel.MAX_BLOCK), range(1, 2**12))
+    for n in sorted(blocks.values()):
         g = torch.Generator().manual_seed(n)
         scores = torch.rand(2 * n, generator=g)
         group_ids = torch.arange(2 * n) % 2

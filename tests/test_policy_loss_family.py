@@ -329,24 +329,64 @@ def test_kernel_is_deterministic_across_chunks():
     assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
 
 
-@pytest.mark.parametrize(
-    "fn", [fastppo.ppo_policy_loss, reference.ppo_policy_loss], ids=["fastppo", "reference"]
-)
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_equals_padded(fn, agg):
-    b = make_batch(4, 23, seed=4)
-    b["mask"][:, 15:] = False  # right padding; rows of 15 tokens with holes
-    lengths = torch.tensor([15, 15, 15, 15])
-    keep = torch.arange(23)[None, :] < lengths[:, None]
+def packed_pair(lengths, seed):
+    """A right-padded batch (len(lengths), max length) and the same tokens packed, with cu_seqlens."""
+    lengths = torch.tensor(lengths)
+    b = make_batch(len(lengths), int(lengths.max()), seed=seed)
+    keep = torch.arange(b["mask"].shape[1])[None, :] < lengths[:, None]
+    b["mask"] &= keep
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    packed = {k: v[keep] for k, v in b.items()}
-    kwargs = dict(ratio_level="sequence", rollout=ROLLOUTS["seq-tis"], use_weights=True, agg=agg)
-    padded_loss, padded_stats, padded_grad = run(fn, b, **kwargs)
-    packed_loss, packed_stats, packed_grad = run(fn, packed, cu_seqlens=cu, **kwargs)
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(packed_grad, padded_grad[keep], atol=1e-6, rtol=1e-6)
-    for name in padded_stats:
-        torch.testing.assert_close(packed_stats[name], padded_stats[name], atol=1e-6, rtol=1e-6)
+    return b, {k: v[keep] for k, v in b.items()}, cu, keep
+
+
+#: Every option with sequence-level behaviour, and the seq aggregations.
+SEQUENCE_OPTIONS = {
+    "gspo": dict(ratio_level="sequence", agg="seq-mean-token-mean"),
+    "geo_mean": dict(loss="geo_mean", clip_low=0.4, clip_high=0.4, agg="seq-mean-token-sum"),
+    "seq-tis": dict(rollout=ROLLOUTS["seq-tis"], use_weights=True, agg="token-mean"),
+    "geo-mis": dict(rollout=ROLLOUTS["geo-mis"], agg="seq-mean-token-mean"),
+    "sapo-seq-mean": dict(loss="sapo", agg="seq-mean-token-sum"),
+}
+#: Sequence lengths: empty ones, single tokens and ones longer than a 2048-token block. The first
+#: set packs to one program per sequence (its sums in a first loop), the second to several
+#: (``_row_sums_kernel``'s partials); their padded twins to the other way round.
+LENGTHS = {"one-program": [0, 3000, 37, 1, 0, 2100], "several": [4500, 0, 4200]}
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("options", SEQUENCE_OPTIONS.values(), ids=SEQUENCE_OPTIONS.keys())
+def test_packed_equals_padded(options, lengths):
+    """The kernels read packed sequences in place: the same loss, statistics and gradient as the
+    padded batch, and as the reference on the packed input. Block boundaries fall elsewhere in
+    the layouts (other summation orders): fp32 sums of up to 4500 terms of size O(1) agree to
+    about √n·ε ≈ 4e-6 relative, so 1e-5."""
+    padded, packed, cu, keep = packed_pair(lengths, seed=4)
+    padded_loss, padded_stats, padded_grad = run(fastppo.ppo_policy_loss, padded, **options)
+    packed_loss, packed_stats, packed_grad = run(fastppo.ppo_policy_loss, packed, cu_seqlens=cu, **options)
+    ref_loss, ref_stats, ref_grad = run(reference.ppo_policy_loss, packed, cu_seqlens=cu, **options)
+    assert packed_grad.shape == packed["logp"].shape
+    for loss, stats, grad in (
+        (padded_loss, padded_stats, padded_grad[keep]),
+        (ref_loss, ref_stats, ref_grad),
+    ):
+        torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_grad, grad, atol=1e-5, rtol=1e-5)
+        assert packed_stats.keys() == stats.keys()
+        for name in stats:
+            torch.testing.assert_close(packed_stats[name], stats[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_packed_is_deterministic_and_matches_sequence_by_sequence():
+    """Each packed sequence's gradient is that of the sequence alone under token-sum (nothing
+    leaks across a boundary inside a block), bitwise the same on a second call."""
+    _, packed, cu, _ = packed_pair([7, 0, 40, 1, 33], seed=6)
+    options = dict(ratio_level="sequence", rollout=ROLLOUTS["geo-mis"], agg="token-sum")
+    first = run(fastppo.ppo_policy_loss, packed, cu_seqlens=cu, **options)
+    second = run(fastppo.ppo_policy_loss, packed, cu_seqlens=cu, **options)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        alone = run(fastppo.ppo_policy_loss, {k: v[start:end] for k, v in packed.items()}, **options)
+        torch.testing.assert_close(first[2][start:end], alone[2], atol=1e-6, rtol=1e-6)
 
 
 def test_weights_leave_the_kl_term_alone():
@@ -385,8 +425,14 @@ def test_bad_options_name_the_argument(kwargs, match):
 
 def test_bad_cu_seqlens_and_rollout_correction_are_refused():
     x = torch.zeros(6)
-    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the number of tokens \(6\)"):
-        fastppo.ppo_policy_loss(x, x, x, x, cu_seqlens=torch.tensor([0, 2, 5]))
+    # Values are checked by torch._assert_async (no host read): a RuntimeError at once on CPU.
+    for bad in ([0, 2, 5], [1, 6], [0, 4, 3, 6]):
+        with pytest.raises(
+            RuntimeError, match=r"cu_seqlens must start at 0, never decrease and end at .* \(6\)"
+        ):
+            fastppo.ppo_policy_loss(x, x, x, x, cu_seqlens=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"cu_seqlens must have shape \(S \+ 1,\)"):
+        fastppo.ppo_policy_loss(x, x, x, x, cu_seqlens=torch.tensor([[0, 6]]))
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor"):
         fastppo.ppo_policy_loss(x, x, x, x, cu_seqlens=torch.tensor([0.0, 6.0]))
     with pytest.raises(ValueError, match="rollout_correction.level"):

@@ -2,11 +2,12 @@
 stand-in lm_head equals full logits + token_logprobs, dropout is off, attention choice, and the
 offline loops' sequence log-probs."""
 
+import numpy as np
 import pytest
 import torch
 
 import fastppo
-from fastppo.trainer import data, layout, offline, passes, ppo, rollout, runtime, sampling, tiny
+from fastppo.trainer import algorithms, data, layout, offline, passes, ppo, rollout, runtime, sampling, tiny
 from fastppo.trainer.config import PPOConfig
 
 CPU = torch.device("cpu")
@@ -88,7 +89,9 @@ def test_padding_free_equals_padded(attention, tmp_path):
         assert torch.equal(getattr(padded, key), getattr(packed, key)), key
     for key in ("old_logp", "ref_logp", "values", "advantages", "returns"):
         torch.testing.assert_close(getattr(packed, key), getattr(padded, key), atol=2e-5, rtol=1e-5, msg=key)
-    assert (packed.old_logp[~packed.response_mask] == 0).all()
+    n = int(lengths.sum())  # one layout: the response tokens row by row, bounded by cu_seqlens
+    assert all(getattr(packed, key).shape == (n,) for key in ("old_logp", "ref_logp", "values", "advantages"))
+    assert torch.equal(packed.cu_seqlens, torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int())
 
     _, policy, _, critic = models
     results = []
@@ -186,3 +189,83 @@ def test_sampler_logprobs_are_what_generation_drew_with():
             torch.testing.assert_close(sampler, trainer, atol=1e-5, rtol=1e-5)
         else:
             assert (sampler >= trainer - 1e-5).all() and (sampler > trainer + 1e-3).any()
+
+
+def packed_and_padded_inputs(seed=0):
+    """AdvantageInputs of one batch in both layouts: padded (B, R) with its mask, and packed (n,)
+    with cu_seqlens (responses of lengths 5, 3, 0, 4, 5, 2: an empty one too)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 3, 0, 4, 5, 2])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    values, kl = torch.randn(6, 5, generator=g) * mask, torch.rand(6, 5, generator=g) * 0.1 * mask
+    common = dict(scores=torch.rand(6, generator=g), group_ids=torch.arange(6) // 3, kl_coef=0.2, gamma=0.9,
+                  lam=0.8)  # fmt: skip
+    padded = algorithms.AdvantageInputs(mask=mask, values=values, kl=kl, **common)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    packed = algorithms.AdvantageInputs(
+        mask=torch.ones(int(lengths.sum()), dtype=torch.bool), values=values[mask], kl=kl[mask],
+        cu_seqlens=cu, **common,
+    )  # fmt: skip
+    return padded, packed
+
+
+@pytest.mark.parametrize("name", sorted(algorithms.ADVANTAGES))
+def test_estimators_read_packed_rows(name):
+    """Each estimator on the packed rows (the trainer's layout) gives the padded result's response
+    tokens, whitened or not, with whitening statistics from kept responses; an update that keeps
+    none leaves them unwhitened (and reads nothing to decide so)."""
+    padded, packed = packed_and_padded_inputs()
+    estimator = algorithms.ADVANTAGES[name]
+    nothing = torch.zeros(6, dtype=torch.bool)
+    for keep in (None, torch.tensor([True, False, True, True, False, True]), nothing):
+        for whiten in (False, True):
+            want, want_returns = algorithms.advantages(estimator, padded, whiten=whiten, keep=keep)
+            got, returns = algorithms.advantages(estimator, packed, whiten=whiten, keep=keep)
+            torch.testing.assert_close(got, want[padded.mask], atol=1e-6, rtol=1e-5)
+            assert (returns is None) == (want_returns is None)
+            if returns is not None:
+                torch.testing.assert_close(returns, want_returns[padded.mask], atol=1e-6, rtol=1e-5)
+    plain, _ = estimator.compute(packed)
+    none_kept, _ = algorithms.advantages(estimator, packed, whiten=True, keep=nothing)
+    torch.testing.assert_close(none_kept, plain)
+
+
+def synthetic_rollout(B=7, P=3, R=5, seed=0) -> rollout.Rollout:
+    """A rollout of left-padded prompts and responses of random lengths (some empty)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.arange(P)[None, :] >= torch.randint(0, P, (B,), generator=g)[:, None]
+    lengths = torch.randint(0, R + 1, (B,), generator=g)
+    response = torch.arange(R)[None, :] < lengths[:, None]
+    attention = torch.cat([prompt, response], 1)
+    padded = {k: torch.randn(B, R, generator=g) for k in ("old_logp", "ref_logp", "values", "advantages")}
+    return rollout.Rollout(
+        sequences=torch.randint(4, 30, (B, P + R), generator=g), attention_mask=attention,
+        response_mask=response, truncated=torch.rand(B, generator=g) < 0.5, group_ids=torch.arange(B) // 2,
+        scores=torch.rand(B, generator=g), host_attention=attention.numpy(),
+        cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        reward_parts={"r": torch.rand(B, generator=g)}, **{k: v[response] for k, v in padded.items()},
+    )  # fmt: skip
+
+
+def test_select_takes_rows_and_their_tokens():
+    """select, by host indices (any order, repeats), a host bool mask or a device tensor, keeps each
+    row's fields and its packed tokens, with new bounds; its TokenBatch labels are its responses."""
+    full = synthetic_rollout()
+    lengths = full.cu_seqlens.diff()
+    assert lengths.min() == 0 and lengths.max() > 1
+    rows = [5, 0, 3, 3, 6]
+    for idx in (rows, torch.tensor(rows), torch.isin(torch.arange(7), torch.tensor(rows)).numpy()):
+        want = sorted(set(rows)) if isinstance(idx, np.ndarray) else rows  # a bool mask: in order, once
+        part = full.select(idx)
+        assert torch.equal(part.sequences, full.sequences[want])
+        assert torch.equal(part.truncated, full.truncated[want])
+        assert torch.equal(part.reward_parts["r"], full.reward_parts["r"][want])
+        assert (part.host_attention == full.host_attention[want]).all()
+        assert torch.equal(part.cu_seqlens, torch.nn.functional.pad(lengths[want].cumsum(0), (1, 0)).int())
+        for key in ("old_logp", "ref_logp", "values", "advantages"):
+            by_row = getattr(full, key).split(lengths.tolist())
+            assert torch.equal(getattr(part, key), torch.cat([by_row[i] for i in want])), key
+        for padding_free in (False, True):
+            tokens = part.tokens(padding_free)
+            assert torch.equal(tokens.labels, part.sequences[:, 3:][part.response_mask])
+            assert torch.equal(tokens.row_of, torch.arange(len(want)).repeat_interleave(lengths[want]))

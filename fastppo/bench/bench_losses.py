@@ -20,6 +20,10 @@ upstream gradient's read and each input gradient's write. Per token, fp32:
     gspo, cispo,     fwd 13 B (logp, old_logp, advantages, mask)      fwd_bwd 17 B (grad logp)
     sapo, geo_mean
     tis              fwd 17 B (and rollout_logp)                       fwd_bwd 21 B
+
+Packed (``<op>+packed``, fastppo and the eager reference): the same token count in B sequences of
+variable length (``packed_lengths``: 1/4 to 7/4 of T, summing to B·T) as ``(N,)`` tensors with
+``cu_seqlens`` (B + 1,) int32, the layout the trainer passes; the same bytes floor per token.
 """
 
 import functools
@@ -28,7 +32,7 @@ import torch
 
 import fastppo
 from fastppo.bench import harness
-from fastppo.bench.harness import Benchmark
+from fastppo.bench.harness import MODES, Benchmark
 
 #: Members of the policy-loss family: the op's options (verl's loss mode and clip ratios for the peer).
 FAMILY = {
@@ -40,7 +44,17 @@ FAMILY = {
         clip_low=0.2, clip_high=0.28, rollout_correction=fastppo.RolloutCorrection("token", "truncate", 2.0)
     ),
 }
-OPS = ("kl_penalty", "ppo_policy_loss", "value_loss", *(f"ppo_policy_loss:{name}" for name in FAMILY))
+_PADDED_OPS = ("kl_penalty", "ppo_policy_loss", "value_loss", *(f"ppo_policy_loss:{name}" for name in FAMILY))
+#: Packed twins of the ops with sequence-level behaviour (and the plain losses).
+_PACKED = (
+    "ppo_policy_loss",
+    "value_loss",
+    "ppo_policy_loss:gspo",
+    "ppo_policy_loss:geo_mean",
+    "ppo_policy_loss:sapo",
+)
+_PACKED_OPS = tuple(f"{op}+packed" for op in _PACKED)
+OPS = (*_PADDED_OPS, *_PACKED_OPS)
 FULL_SHAPES = [(64, 1024), (256, 4096), (512, 8192)]
 QUICK_SHAPES = [(4, 64), (8, 300)]
 FLOOR_BYTES_PER_TOKEN = {
@@ -53,6 +67,9 @@ FLOOR_BYTES_PER_TOKEN = {
     **{(f"ppo_policy_loss:{name}", "fwd"): 17 if name == "tis" else 13 for name in FAMILY},
     **{(f"ppo_policy_loss:{name}", "fwd_bwd"): 21 if name == "tis" else 17 for name in FAMILY},
 }
+FLOOR_BYTES_PER_TOKEN |= {
+    (f"{op}+packed", mode): FLOOR_BYTES_PER_TOKEN[op, mode] for op in _PACKED for mode in MODES
+}
 POLICY_OPTIONS = dict(
     clip_low=0.2,
     clip_high=0.28,
@@ -62,6 +79,19 @@ POLICY_OPTIONS = dict(
     entropy_coef=0.01,
     agg="token-mean",
 )
+
+
+def packed_lengths(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """B sequence lengths of about T/4 to 7T/4 (deterministic), summing to B·T exactly."""
+    raw = 0.25 + 1.5 * torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    lengths = (raw * (B * T / raw.sum())).long()  # rounded down: short of B·T by less than B
+    lengths[: B * T - int(lengths.sum())] += 1
+    return lengths
+
+
+def _layout(b) -> dict:
+    """``cu_seqlens`` for a packed batch, nothing for a padded one (verl's functions take none)."""
+    return {"cu_seqlens": b["cu_seqlens"]} if "cu_seqlens" in b else {}
 
 
 def _kl(module):
@@ -77,6 +107,7 @@ def _policy(module):
             b["mask"],
             ref_logp=b["ref_logp"],
             entropy=b["entropy"],
+            **_layout(b),
             **POLICY_OPTIONS,
         )[0]
 
@@ -84,7 +115,9 @@ def _policy(module):
 
 
 def _value(module):
-    return lambda b: module.value_loss(b["values"], b["old_values"], b["returns"], b["mask"], clip=0.2)[0]
+    return lambda b: module.value_loss(
+        b["values"], b["old_values"], b["returns"], b["mask"], clip=0.2, **_layout(b)
+    )[0]
 
 
 def _member(name):
@@ -95,7 +128,7 @@ def _member(name):
         def run(b):
             rollout = dict(rollout_logp=b["rollout_logp"]) if uses_rollout else {}
             return module.ppo_policy_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], **rollout,
-                                          **options)[0]  # fmt: skip
+                                          **_layout(b), **options)[0]  # fmt: skip
 
         return run
 
@@ -104,8 +137,10 @@ def _member(name):
 
 _IMPLS = {"kl_penalty": _kl, "ppo_policy_loss": _policy, "value_loss": _value}
 _IMPLS |= {f"ppo_policy_loss:{name}": _member(name) for name in FAMILY}
+_IMPLS |= {op: _IMPLS[op.removesuffix("+packed")] for op in _PACKED_OPS}
 _GRAD_INPUTS = {"kl_penalty": ("logp",), "ppo_policy_loss": ("logp", "entropy"), "value_loss": ("values",)}
 _GRAD_INPUTS |= {f"ppo_policy_loss:{name}": ("logp",) for name in FAMILY}
+_GRAD_INPUTS |= {op: _GRAD_INPUTS[op.removesuffix("+packed")] for op in _PACKED_OPS}
 
 
 @functools.cache
@@ -182,7 +217,12 @@ def _impl(op, provider):
     return _IMPLS[op](fastppo)
 
 
-def _batch(B, T, device):
+def _batch(B, T, device, packed=False):
+    """Per-token inputs (B, T); packed: the same B·T tokens as (N,) with ``cu_seqlens``."""
+    if packed:
+        batch = {k: v.reshape(-1) for k, v in _batch(B, T, device).items()}
+        cu = torch.nn.functional.pad(packed_lengths(B, T).cumsum(0), (1, 0))
+        return batch | {"cu_seqlens": cu.to(device=device, dtype=torch.int32)}
     g = torch.Generator(device=device).manual_seed(0)
     rand = lambda: torch.randn(B, T, device=device, generator=g)  # noqa: E731
     logp = -rand().abs()
@@ -204,7 +244,7 @@ def _batch(B, T, device):
 def _setup(op, provider, B, T, device, mode):
     def setup():
         impl = _impl(op, provider)
-        batch = _batch(B, T, device)
+        batch = _batch(B, T, device, packed=op.endswith("+packed"))
         if mode == "fwd":
             return lambda: impl(batch)
         grads = [batch[name].requires_grad_() for name in _GRAD_INPUTS[op]]
@@ -229,7 +269,13 @@ def benchmarks(*, device, quick, providers, modes, dtype=None, ops=OPS, log=prin
     for B, T in QUICK_SHAPES if quick else FULL_SHAPES:
         for op in ops:
             for mode in modes:
-                for provider in (p for p in providers if p in ("torch", "compile", "verl", "fastppo")):
+                # Packed: fastppo and the eager reference (the peers and torch.compile take (B, T)).
+                allowed = (
+                    ("torch", "fastppo")
+                    if op.endswith("+packed")
+                    else ("torch", "compile", "verl", "fastppo")
+                )
+                for provider in (p for p in providers if p in allowed):
                     yield Benchmark(
                         op=op,
                         provider=provider,

@@ -72,13 +72,16 @@ def rollout_batch(B: int, P: int, R: int, vocab: int, device) -> Rollout:
     response_mask = torch.arange(R, device=device)[None, :] < lengths[:, None]
     attention_mask = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), response_mask], 1)
     old_logp = -torch.rand(B, R, device=device, generator=g) * 5
+    ref_logp = old_logp + 0.1 * torch.randn(B, R, device=device, generator=g)
+    advantages = torch.randn(B, 1, device=device, generator=g).expand(B, R)
+    packed = lambda x: x[response_mask]  # noqa: E731 (the rollout's layout: response tokens row by row)
     return Rollout(
         sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
         truncated=torch.zeros(B, dtype=torch.bool, device=device),
-        group_ids=torch.arange(B, device=device) // 2,
-        scores=torch.zeros(B, device=device), old_logp=old_logp,
-        ref_logp=old_logp + 0.1 * torch.randn(B, R, device=device, generator=g), values=None,
-        advantages=torch.randn(B, 1, device=device, generator=g).expand(B, R).contiguous(),
+        group_ids=torch.arange(B, device=device) // 2, scores=torch.zeros(B, device=device),
+        host_attention=attention_mask.cpu().numpy(),
+        cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        old_logp=packed(old_logp), ref_logp=packed(ref_logp), values=None, advantages=packed(advantages),
     )  # fmt: skip
 
 

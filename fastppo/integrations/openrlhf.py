@@ -30,7 +30,7 @@ OpenRLHF runs the policy and critic losses inside Ray actors: call ``patch()`` i
 import torch
 
 import fastppo
-from fastppo.integrations._patching import Patcher
+from fastppo.integrations._patching import OPENRLHF
 from fastppo.integrations._peer_numerics import nan_if_zero
 from fastppo.reference import RolloutCorrection
 
@@ -47,7 +47,7 @@ _PROB_CLAMP = 1e-6  # OpenRLHF's clamp on the probabilities of its binary_kl / t
 
 def _original(module_name: str, attribute: str):
     """OpenRLHF's own function (or class attribute), also while ours is patched in."""
-    return _patcher.original(module_name, attribute)
+    return OPENRLHF.original(module_name, attribute)
 
 
 def _all_fp32(*tensors: torch.Tensor) -> bool:
@@ -114,7 +114,8 @@ def log_probs_from_logits(
 
     ``fastppo.token_logprobs``. Labels equal to -100 give 0, as in OpenRLHF's flash-attn
     cross-entropy path (its gather fallback raises on them instead); other labels outside
-    [0, V) raise ValueError. Falls back to OpenRLHF for logits that are not fp32 (its bf16/fp16
+    [0, V) raise an error naming them (fastppo's check without a host read: RuntimeError on CPU,
+    a device-side assert on CUDA). Falls back to OpenRLHF for logits that are not fp32 (its bf16/fp16
     path computes in the input dtype), labels that are not int64 or not shaped like
     ``logits.shape[:-1]``.
     """
@@ -479,15 +480,12 @@ def get_cumulative_returns(
 
 # ── patching ────────────────────────────────────────────────────────────────────────────────
 
-_TARGETS = (
-    (_UTILS, "compute_approx_kl", compute_approx_kl),
-    (_UTILS, "log_probs_from_logits", log_probs_from_logits),
-    (_LOSS, "PolicyLoss.forward", policy_loss_forward),
-    (_LOSS, "ValueLoss.forward", value_loss_forward),
-    (_MAKER, f"{_MAKER_CLASS}.get_advantages_and_returns", get_advantages_and_returns),
-    (_MAKER, f"{_MAKER_CLASS}.get_cumulative_returns", get_cumulative_returns),
-)
-_patcher = Patcher("openrlhf", lambda: list(_TARGETS))
-patch = _patcher.patch
-unpatch = _patcher.unpatch
-patched = _patcher.patched
+OPENRLHF.add(_UTILS, "compute_approx_kl", compute_approx_kl)
+OPENRLHF.add(_UTILS, "log_probs_from_logits", log_probs_from_logits)
+OPENRLHF.add(_LOSS, "PolicyLoss.forward", policy_loss_forward)
+OPENRLHF.add(_LOSS, "ValueLoss.forward", value_loss_forward)
+OPENRLHF.add(_MAKER, f"{_MAKER_CLASS}.get_advantages_and_returns", get_advantages_and_returns)
+OPENRLHF.add(_MAKER, f"{_MAKER_CLASS}.get_cumulative_returns", get_cumulative_returns)
+patch = OPENRLHF.patch
+unpatch = OPENRLHF.unpatch
+patched = OPENRLHF.patched

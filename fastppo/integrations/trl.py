@@ -48,16 +48,21 @@ TRL's fused LM head: in trl 1.16.0 the GRPO, RLOO, DPO, KTO and SFT trainers cal
 functions above; they score completions with ``add_fused_lm_head``, whose forward calls
 ``trl.kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature,
 chunk_size, final_logit_softcapping, logit_scale, outputs)``. ``ChunkedLogProbFunction`` here has
-that ``apply`` and its outputs (log-probs, entropy and three statistics TRL may ask for), computed
-by ``fastppo.linear_logprobs`` when the outputs asked are log-probs and entropy (TRL's defaults
-and what its trainers ask); ``chunk_size`` (TRL's vocabulary tile) is TRL's own tuning and is not
-used. Other outputs (``log_sum_sq_probs``, ``mean_logits``, ``is_top1``) run TRL's original.
+that ``apply`` with TRL's defaults (``outputs`` defaults to all four of TRL's optional outputs, as
+TRL's does) and its five outputs. ``fastppo.linear_logprobs`` computes them when ``outputs`` asks
+for no more than the entropy (what the GRPO and RLOO trainers ask); ``chunk_size`` (TRL's
+vocabulary tile) is TRL's own tuning and is not used. A call that asks for ``log_sum_sq_probs``,
+``mean_logits`` or ``is_top1`` (TRL's default, the KTO and SFT trainers) runs TRL's original,
+which computes them; fastppo has no fused form of them.
+
+``patch()`` checks the installed trl against the tested range (``~=1.16.0``): outside it, it warns
+once and keeps TRL's functions, unless ``patch(force=True)``.
 """
 
 import torch
 
 import fastppo
-from fastppo.integrations._patching import Patcher
+from fastppo.integrations._patching import TRL
 from fastppo.integrations.trl_grpo import grpo_compute_loss
 
 __all__ = [
@@ -192,17 +197,22 @@ def kernel_selective_log_softmax_and_entropy(
     return logp.float(), entropy.float()
 
 
-class ChunkedLogProbFunction:
-    """TRL's ``ChunkedLogProbFunction`` (an autograd Function used through ``apply``), by
-    ``fastppo.linear_logprobs``: (log_probs, entropy or None, None, None, None), fp32."""
+#: TRL's ``trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS``, the default of its ``outputs``.
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_CHUNKED = "trl.kernels.chunked_logprob"
 
-    FASTPPO_OUTPUTS = frozenset(("log_probs", "entropy"))
+
+class ChunkedLogProbFunction:
+    """TRL's ``ChunkedLogProbFunction`` (an autograd Function used through ``apply``): the tuple
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each (N,) or None where
+    ``outputs`` does not ask for it, as TRL's. ``fastppo.linear_logprobs`` computes the log-probs
+    and the entropy (fp32); a call asking for any of the other three runs TRL's own."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=("log_probs",)):  # fmt: skip
-        if not set(outputs) <= ChunkedLogProbFunction.FASTPPO_OUTPUTS:
-            original = _patcher.original("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")
+              logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):  # fmt: skip
+        if any(name in outputs for name in OPTIONAL_OUTPUTS[1:]):  # TRL's test: `name in outputs`
+            original = TRL.original(_CHUNKED, "ChunkedLogProbFunction")
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size,
                                   final_logit_softcapping, logit_scale, outputs)  # fmt: skip
         if logit_scale != 1.0:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b, before the softcap as TRL has it
@@ -215,28 +225,22 @@ class ChunkedLogProbFunction:
         return logp, entropy if "entropy" in outputs else None, None, None, None
 
 
-def _targets() -> list[tuple[str, str, object]]:
-    targets = [
-        ("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", ChunkedLogProbFunction),
-        ("trl.trainer.utils", "selective_log_softmax", selective_log_softmax),
-        ("trl.trainer.utils", "entropy_from_logits", entropy_from_logits),
-        ("trl.trainer.utils", "selective_log_softmax_and_entropy", selective_log_softmax_and_entropy),
-        ("trl.trainer.grpo_trainer", "GRPOTrainer._compute_loss", grpo_compute_loss),
-    ]
+def _kernel_entry_exists() -> bool:
     from transformers.utils import is_triton_available
 
-    if is_triton_available():  # TRL defines its kernel entry point only then
-        targets.append(
-            (
-                "trl.kernels.logprob_entropy",
-                "selective_log_softmax_and_entropy",
-                kernel_selective_log_softmax_and_entropy,
-            )
-        )
-    return targets
+    return is_triton_available()  # TRL defines its kernel entry point only then
 
 
-_patcher = Patcher("trl", _targets)
-patch = _patcher.patch
-unpatch = _patcher.unpatch
-patched = _patcher.patched
+TRL.add(_CHUNKED, "ChunkedLogProbFunction", ChunkedLogProbFunction)
+TRL.add("trl.trainer.utils", "selective_log_softmax", selective_log_softmax)
+TRL.add("trl.trainer.utils", "entropy_from_logits", entropy_from_logits)
+TRL.add("trl.trainer.utils", "selective_log_softmax_and_entropy", selective_log_softmax_and_entropy)
+TRL.add(
+    "trl.kernels.logprob_entropy",
+    "selective_log_softmax_and_entropy",
+    kernel_selective_log_softmax_and_entropy,
+    when=_kernel_entry_exists,
+)
+patch = TRL.patch
+unpatch = TRL.unpatch
+patched = TRL.patched

@@ -24,18 +24,25 @@ times ``tool_mask`` when given):
 - the static entropy bonus: TRL's own separate term (a masked token mean of the entropies),
   subtracted after the policy loss as TRL does, with its ``policy_loss`` and ``entropy_coef`` logs.
 
-TRL's original ``_compute_loss`` runs instead (fallback) where the op cannot give TRL's result
-exactly. Decided from the configuration, before scoring:
+TRL's original ``_compute_loss`` runs instead (fallback) unless the configuration is one the op
+reproduces exactly. Decided from the configuration, before scoring, by an allow-list (``_RULES``):
 
-- ``loss_type`` vespo and luspo (other losses and aggregations), and unknown values of
-  ``loss_type`` or ``importance_sampling_level`` (TRL raises its error);
-- ``args.delta`` with a clipped loss (a third clamp of the ratio, unclipped branch only);
-  ``off_policy_mask_threshold`` (a data-dependent sequence mask); ``top_entropy_quantile < 1``
-  (the entropy mask); ``args.use_bias_correction_kl`` (a KL term times the ratio, with gradient;
-  TRL's default is True: with ``beta != 0`` set it False to run the op);
-  the MoE aux loss; the adaptive entropy controller (state updated across steps);
-- parameters outside the op's domain: ``epsilon_low`` or ``epsilon_high`` ≤ 0 (clip losses), CISPO
-  with ``epsilon_high`` ≤ 1 or > e¹⁰, SAPO temperatures ≤ 0, ``beta < 0``.
+- ``loss_type`` grpo, bnpo, dr_grpo, dapo, cispo or sapo, and ``importance_sampling_level`` token
+  or sequence (vespo, luspo and values TRL does not know run TRL's, which raises its error);
+- no ``args.delta`` with a clipped loss (a third clamp of the ratio, unclipped branch only), no
+  ``off_policy_mask_threshold`` (a data-dependent sequence mask), ``top_entropy_quantile`` not
+  below 1 (no entropy mask), ``beta`` 0 or positive and finite without
+  ``args.use_bias_correction_kl`` (a KL term times the ratio, with gradient; TRL's default is True:
+  with ``beta != 0`` set it False to run the op), no MoE aux loss, no adaptive entropy controller
+  (state updated across steps);
+- parameters inside the op's domain: ``epsilon_low`` and ``epsilon_high`` > 0 (clip losses), CISPO
+  with 1 < ``epsilon_high`` ≤ e¹⁰, SAPO temperatures > 0;
+- and every option of ``self.args`` known: the fields GRPOConfig adds to TrainingArguments in trl
+  1.16.0, each listed in ``_LOSS_OPTIONS`` (checked by the rules) or ``_OTHER_OPTIONS`` (they do not
+  reach ``_compute_loss``). An option this list has never seen (a newer TRL's, a subclass's) runs
+  TRL's own loss, whatever its value.
+
+Every fallback logs its reason once (logger ``fastppo.integrations.trl_grpo``, level WARNING).
 
 Decided from the data, after scoring: TRL's ``_compute_loss`` then runs on the log-probs already
 computed (``self._get_per_token_logps_and_entropies`` is answered from them: no second forward
@@ -63,11 +70,16 @@ Differences that remain, all below fp32 rounding of a realistic loss:
 """
 
 import contextlib
+import dataclasses
+import functools
+import logging
 import math
+from collections.abc import Callable
 
 import torch
 
 import fastppo
+from fastppo.integrations._patching import TRL
 
 __all__ = ["grpo_compute_loss"]
 
@@ -89,18 +101,94 @@ _MODEL_INPUTS = (
 _TOKEN_LOG_RATIO_MAX = 20.0  # the op's bound on token log-ratios (and on ref − logp in k3)
 _SEQ_LOG_RATIO_MAX = 10.0  # the op's bound on the sequence mean log-ratio
 _ABSENT = object()
+_logger = logging.getLogger(__name__)
+_LOGGED: set[str] = set()  # the fallback reasons already logged
+
+# GRPOConfig's own options (the fields it adds to TrainingArguments) in trl 1.16.0. Those that
+# reach _compute_loss, through the trainer's attributes or ``self.args``, are checked by _RULES:
+_LOSS_OPTIONS = frozenset((
+    "loss_type", "importance_sampling_level", "beta", "epsilon", "epsilon_high", "delta",
+    "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+    "vespo_lambda_neg", "top_entropy_quantile", "off_policy_mask_threshold", "use_bias_correction_kl",
+    "router_aux_loss_coef", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min",
+    "entropy_coef_max", "entropy_coef_delta", "entropy_target", "use_vllm",
+    "vllm_importance_sampling_correction", "steps_per_generation", "max_completion_length",
+))  # fmt: skip
+# ... and those that do not reach it: model loading, generation, vLLM, rewards, logging. The
+# importance-sampling modes and bounds, num_iterations and mask_truncated_completions shape the
+# inputs (the ratio, the old log-probs, the mask), which the loss reads whatever their values.
+_OTHER_OPTIONS = frozenset((
+    "model_init_kwargs", "trust_remote_code", "disable_dropout", "cast_lm_head_to_fp32",
+    "num_generations", "num_generations_eval", "ds3_gather_for_generation", "shuffle_dataset",
+    "pad_to_multiple_of", "generation_batch_size", "temperature", "top_p", "top_k", "min_p",
+    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation",
+    "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
+    "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+    "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+    "vllm_tensor_parallel_size", "num_iterations", "reward_weights", "multi_objective_aggregation",
+    "scale_rewards", "mask_truncated_completions", "sync_ref_model", "ref_model_mixup_alpha",
+    "ref_model_sync_steps", "max_tool_calling_iterations", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_cap", "log_completions", "log_multimodal", "num_completions_to_print",
+    "log_unique_prompts", "log_completions_hub_repo", "use_transformers_continuous_batching",
+    "transformers_continuous_batching_config", "use_transformers_paged",
+))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """A condition on the trainer's configuration under which the op gives TRL's loss exactly."""
+
+    reason: str  # logged when it does not hold
+    holds: Callable[[object], bool]
+
+
+def _clip_epsilons(t) -> bool:
+    return t.loss_type not in _CLIP_LOSSES or (t.epsilon_low > 0.0 and t.epsilon_high > 0.0)
+
+
+def _cispo_epsilon(t) -> bool:
+    return t.loss_type != "cispo" or 1.0 < t.epsilon_high <= math.exp(_SEQ_LOG_RATIO_MAX)
+
+
+def _sapo_temperatures(t) -> bool:
+    return t.loss_type != "sapo" or (t.args.sapo_temperature_pos > 0 and t.args.sapo_temperature_neg > 0)
+
+
+def _beta(t) -> bool:
+    return t.beta == 0.0 or (0.0 < t.beta < math.inf and not t.args.use_bias_correction_kl)
+
+
+# Checked in order: the first that does not hold is the reason logged.
+_RULES = (
+    _Rule("loss_type is not one of " + ", ".join(_AGG), lambda t: t.loss_type in _AGG),
+    _Rule("importance_sampling_level is not token or sequence",
+          lambda t: t.importance_sampling_level in ("token", "sequence")),
+    _Rule("args.delta clamps the ratio of a clip loss",
+          lambda t: t.args.delta is None or t.loss_type not in _CLIP_LOSSES),
+    _Rule("off_policy_mask_threshold masks sequences", lambda t: t.off_policy_mask_threshold is None),
+    _Rule("top_entropy_quantile < 1 masks tokens", lambda t: not t.top_entropy_quantile < 1.0),
+    _Rule("beta is negative or not finite, or weighted by use_bias_correction_kl", _beta),
+    _Rule("the MoE aux loss", lambda t: not t.aux_loss_enabled),
+    _Rule("the adaptive entropy controller",
+          lambda t: not (t._entropy_bonus_enabled and t.use_adaptive_entropy)),
+    _Rule("epsilon_low or epsilon_high is not > 0", _clip_epsilons),
+    _Rule("cispo's epsilon_high is outside (1, e^10]", _cispo_epsilon),
+    _Rule("a sapo temperature is not > 0", _sapo_temperatures),
+)  # fmt: skip
 
 
 def grpo_compute_loss(self, model, inputs):
     """``GRPOTrainer._compute_loss``: the 0-d loss TRL returns, its metrics logged in
     ``self._metrics[mode]``. ``inputs`` as TRL's (``completion_mask`` (B, T), ``advantages`` (B,)
     or (B, T), ``old_per_token_logps`` (B, T) or absent, ...)."""
-    if _config_fallback(self) is not None:
-        return _trl(self, model, inputs)
+    reason = _config_fallback(self)
+    if reason is not None:
+        return _trl(self, model, inputs, reason=reason)
     scored = _score(self, model, inputs)
     logps, entropies, _ = scored
     if logps.dtype != torch.float32:
-        return _trl(self, model, inputs, scored)
+        return _trl(self, model, inputs, scored, f"the log-probs are {logps.dtype}, not fp32")
     mask = inputs["completion_mask"]
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
@@ -123,7 +211,7 @@ def grpo_compute_loss(self, model, inputs):
     log_w = _log_importance_weights(self, logps.detach() - old, mask)
     outside = _outside_op(self, log_w, logps, ref, mask, advantages, weights)
     if outside is not None and outside.item():
-        return _trl(self, model, inputs, scored)
+        return _trl(self, model, inputs, scored, "the data leave the range where the op equals TRL")
 
     mode = "train" if self.model.training else "eval"
     loss, policy_loss = _normalize(self, loss, mask, inputs, mode)
@@ -138,30 +226,26 @@ def grpo_compute_loss(self, model, inputs):
 
 def _config_fallback(self) -> str | None:
     """Why this trainer's configuration needs TRL's ``_compute_loss`` (None: the op gives it)."""
-    loss_type, args = self.loss_type, self.args
-    if loss_type not in _AGG:
-        return f"loss_type={loss_type!r}"
-    if self.importance_sampling_level not in ("token", "sequence"):
-        return f"importance_sampling_level={self.importance_sampling_level!r}"
-    if loss_type in _CLIP_LOSSES and args.delta is not None:
-        return "delta"
-    if self.off_policy_mask_threshold is not None:
-        return "off_policy_mask_threshold"
-    if self.top_entropy_quantile < 1.0:
-        return "top_entropy_quantile"
-    if self.beta < 0.0 or (self.beta != 0.0 and args.use_bias_correction_kl):
-        return "beta"
-    if self.aux_loss_enabled:
-        return "aux loss"
-    if self._entropy_bonus_enabled and self.use_adaptive_entropy:
-        return "adaptive entropy"
-    if loss_type in _CLIP_LOSSES and not (self.epsilon_low > 0.0 and self.epsilon_high > 0.0):
-        return "epsilon"
-    if loss_type == "cispo" and not 1.0 < self.epsilon_high <= math.exp(_SEQ_LOG_RATIO_MAX):
-        return "epsilon_high"
-    if loss_type == "sapo" and not (args.sapo_temperature_pos > 0 and args.sapo_temperature_neg > 0):
-        return "sapo temperatures"
-    return None
+    unknown = sorted(set(_options(self.args)) - _LOSS_OPTIONS - _OTHER_OPTIONS)
+    if unknown:
+        return f"option {unknown[0]!r} is not one fastppo's GRPO loss knows (trl 1.16.0)"
+    return next((rule.reason for rule in _RULES if not rule.holds(self)), None)
+
+
+def _options(args) -> tuple[str, ...]:
+    """The option names of ``args``: a GRPOConfig's fields beyond TrainingArguments' (any other
+    dataclass likewise), else its attributes."""
+    if dataclasses.is_dataclass(args):
+        return _own_fields(type(args))
+    return tuple(vars(args))
+
+
+@functools.cache
+def _own_fields(config_class: type) -> tuple[str, ...]:
+    from transformers import TrainingArguments
+
+    base = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return tuple(field.name for field in dataclasses.fields(config_class) if field.name not in base)
 
 
 def _outside_op(self, log_w, logps, ref, mask, advantages, weights) -> torch.Tensor | None:
@@ -189,11 +273,13 @@ def _varies_in_row(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (high > low).any()
 
 
-def _trl(self, model, inputs, scored=None):
-    """TRL's own ``_compute_loss``; with ``scored``, answering its scoring call from those outputs."""
-    from fastppo.integrations.trl import _patcher
-
-    original = _patcher.original(_MODULE, _METHOD)
+def _trl(self, model, inputs, scored=None, reason: str = ""):
+    """TRL's own ``_compute_loss`` (``reason`` logged the first time); with ``scored``, answering its
+    scoring call from those outputs."""
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        _logger.warning("fastppo: TRL's own GRPO loss runs: %s", reason)
+    original = TRL.original(_MODULE, _METHOD)
     if original is grpo_compute_loss:  # set on the class by hand: TRL's own is lost
         raise RuntimeError("install grpo_compute_loss with fastppo.integrations.trl.patch()")
     if scored is None:
@@ -325,3 +411,6 @@ def _gathered(self, x, mask, which: str) -> float:
     per_row = x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
     gathered = self.accelerator.gather(per_row)
     return (nanmin if which == "min" else nanmax)(gathered).item()
+
+
+TRL.add(_MODULE, _METHOD, grpo_compute_loss)

@@ -30,11 +30,11 @@ ones left to verl: clip_cov, kl_cov, gpg, dro, dppo_tv, dppo_kl).
 ``patch()`` swaps them into verl: the functions in their modules and in every loaded verl module
 that imported them, the ``"vanilla"``/``"gspo"``/``"cispo"``/``"sapo"``/``"geo_mean"`` policy losses and the
 ``"gae"``/``"grpo"``/``"rloo"`` advantage estimators in verl's registries (each only while it
-still holds verl's own function), and it calls ``register()``, which adds the policy losses as
-``"fastppo_vanilla"``, ``"fastppo_gspo"``, ``"fastppo_cispo"``, ``"fastppo_sapo"``,
-``"fastppo_geo_mean"`` (select one
-with ``actor.policy_loss.loss_mode=fastppo_gspo``). ``unpatch()`` restores all of it exactly.
-Importing this module does not import verl.
+still holds verl's own function), and it adds the policy losses as ``"fastppo_vanilla"``,
+``"fastppo_gspo"``, ``"fastppo_cispo"``, ``"fastppo_sapo"``, ``"fastppo_geo_mean"`` (as
+``register()`` does; select one with ``actor.policy_loss.loss_mode=fastppo_gspo``). ``unpatch()``
+restores all of it exactly. Outside the tested verl versions (``~=0.9.1``) ``patch()`` warns once
+and installs nothing, unless ``patch(force=True)``. Importing this module does not import verl.
 
 An aggregation over an entirely empty mask is NaN, as verl's 0/0 is (fastppo's own ops give 0).
 The one deliberate difference: ``actor/ppo_kl`` is the mean of the unclamped
@@ -49,7 +49,7 @@ import torch
 
 import fastppo
 from fastppo import reference
-from fastppo.integrations._patching import Patcher
+from fastppo.integrations._patching import VERL
 from fastppo.integrations.verl_policy_losses import (  # noqa: F401  (verl's policy losses live there)
     _CORE,
     POLICY_LOSSES,
@@ -332,7 +332,7 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     and ``labels`` (...). A reduction other than "none" or a vocabulary split across
     ``dist_process_group`` runs verl's own."""
     if str(reduction).lower() != "none" or dist_process_group is not None:
-        original = _PATCHER.original(_LINEAR_CE, "linear_cross_entropy")
+        original = VERL.original(_LINEAR_CE, "linear_cross_entropy")
         return original(hidden, weight, labels, temperature, reduction, dist_process_group)
     return fastppo.linear_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature=temperature,
@@ -401,88 +401,43 @@ _ADV_ESTIMATORS = {
 }
 
 
-def _targets() -> list[tuple[str, str, object]]:
-    return [(module, name, globals()[name]) for module, names in _FUNCTIONS.items() for name in names]
-
-
 def register() -> None:
     """Register fastppo's policy losses with verl as ``"fastppo_vanilla"``, ``"fastppo_gspo"``,
     ``"fastppo_cispo"``, ``"fastppo_sapo"`` and ``"fastppo_geo_mean"`` (imports verl).
 
     A side effect on verl's policy-loss registry, so it happens here, never at import; ``patch()``
-    calls it too (and ``unpatch()`` removes the names again if ``patch()`` added them).
+    adds the same entries (and ``unpatch()`` removes them again if ``patch()`` added them).
     """
     core = importlib.import_module(_CORE)
     for registered, name in REGISTERED_NAMES.items():
         core.register_policy_loss(registered)(globals()[name])
 
 
-class _VerlPatcher(Patcher):
-    """``Patcher`` plus verl's registries: dict entries swapped on patch and put back on unpatch."""
-
-    def __init__(self):
-        super().__init__("verl", _targets)
-        self._entries: list[tuple[dict, str, bool, object]] = []  # (registry, key, had key, old value)
-
-    @property
-    def active(self) -> bool:
-        return super().active or bool(self._entries)
-
-    def _set(self, registry: dict, key: str, value) -> None:
-        self._entries.append((registry, key, key in registry, registry.get(key)))
-        registry[key] = value
-
-    def patch(self) -> None:
-        if self.active:
-            return
-        core = importlib.import_module(_CORE)
-        verl_functions = {
-            name: getattr(core, name) for name in (*POLICY_LOSSES.values(), *_ADV_ESTIMATORS.values())
-        }
-        super().patch()
-        try:
-            policy_losses = core.POLICY_LOSS_REGISTRY
-            for registered in REGISTERED_NAMES:  # remembered first, so that unpatch() takes them out again
-                self._entries.append(
-                    (policy_losses, registered, registered in policy_losses, policy_losses.get(registered))
-                )
-            register()
-            # Only entries that still hold verl's own function: a user's override stays theirs.
-            for registry, names in (
-                (policy_losses, POLICY_LOSSES),
-                (core.ADV_ESTIMATOR_REGISTRY, _ADV_ESTIMATORS),
-            ):
-                for key, name in names.items():
-                    if registry.get(key) is verl_functions[name]:
-                        self._set(registry, key, globals()[name])
-        except BaseException:
-            self.unpatch()
-            raise
-
-    def unpatch(self) -> None:
-        super().unpatch()  # functions, also where a module imported while patched bound them
-        while self._entries:
-            registry, key, had_key, old_value = self._entries.pop()
-            if had_key:
-                registry[key] = old_value
-            else:
-                registry.pop(key, None)
+for _module, _names in _FUNCTIONS.items():
+    for _name in _names:
+        VERL.add(_module, _name, globals()[_name])
+# The names register() adds, always; verl's own names only while they hold verl's own function.
+for _key, _name in REGISTERED_NAMES.items():
+    VERL.add_entry(_CORE, "POLICY_LOSS_REGISTRY", _key, globals()[_name])
+for _key, _name in POLICY_LOSSES.items():
+    VERL.add_entry(_CORE, "POLICY_LOSS_REGISTRY", _key, globals()[_name], only_over=_name)
+for _key, _name in _ADV_ESTIMATORS.items():
+    VERL.add_entry(_CORE, "ADV_ESTIMATOR_REGISTRY", _key, globals()[_name], only_over=_name)
 
 
-_PATCHER = _VerlPatcher()
-
-
-def patch() -> None:
+def patch(force: bool = False) -> bool:
     """Install fastppo's functions in verl (see the module docstring); a second call changes nothing.
-    Call it in every process that computes losses (verl's Ray workers too), before verl builds its engines."""
-    _PATCHER.patch()
+    Call it in every process that computes losses (verl's Ray workers too), before verl builds its
+    engines. Outside the tested verl versions (``~=0.9.1``) it warns once and installs nothing
+    unless ``force``; returns whether fastppo's functions are installed."""
+    return VERL.patch(force)
 
 
 def unpatch() -> None:
     """Restore verl's functions and registry entries exactly as ``patch()`` found them."""
-    _PATCHER.unpatch()
+    VERL.unpatch()
 
 
-def patched():
+def patched(force: bool = False):
     """Context manager: ``with patched(): ...`` runs the block with fastppo installed in verl."""
-    return _PATCHER.patched()
+    return VERL.patched(force)

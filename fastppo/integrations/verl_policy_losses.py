@@ -46,6 +46,7 @@ import torch
 
 import fastppo
 from fastppo import reference
+from fastppo.integrations._patching import VERL
 from fastppo.integrations._peer_numerics import nan_if_zero
 
 _CORE = "verl.trainer.ppo.core_algos"
@@ -155,9 +156,7 @@ def _op_takes_clips(low, high) -> bool:
 
 def _verl_own(name: str):
     """verl's own ``core_algos.<name>``, also while ``fastppo.integrations.verl.patch()`` is active."""
-    from fastppo.integrations import verl as adapter  # imported here: verl.py imports this module
-
-    return adapter._PATCHER.original(_CORE, name)
+    return VERL.original(_CORE, name)
 
 
 def _fused(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, weights, **options):

@@ -23,7 +23,8 @@ Usage (from a source checkout)::
 
 It prints one line per failed (launch, target) and a count, and exits 1 on any failure. With
 ``--report`` it also writes registers, spilled bytes, shared memory and the widths of the global
-loads of every compiled launch: the compiler's report to read before spending GPU time.
+loads of every compiled launch, after a summary per kernel (the most registers and spills, and how
+many launches have 16-byte loads): the compiler's report to read before spending GPU time.
 """
 
 from __future__ import annotations
@@ -361,9 +362,52 @@ def launch_label(launch: dict) -> str:
     return f"{launch['module'].rsplit('.', 1)[-1]}.{launch['kernel']}({pointers})[{', '.join(settings)}]"
 
 
+def kernel_summary(launches: list[dict], results: list[dict]) -> list[dict]:
+    """Per kernel (``module.kernel``) and block size (its ``BLOCK*`` constexprs) over the compiled
+    (launch, target) pairs: how many, the most registers and spilled bytes, the global loads by
+    width summed, and how many pairs have at least one 16-byte load (what a memory-bound kernel's
+    main streams should all get)."""
+    kernels: dict[str, dict] = {}
+
+    def order(r):
+        launch = launches[r["index"]]
+        sizes = [d.get("constexpr") or 0 for n, d in launch["args"].items() if n.startswith("BLOCK")]
+        return launch["module"], launch["kernel"], sizes
+
+    for r in sorted(results, key=order):
+        if not r.get("ok"):
+            continue
+        launch, usage = launches[r["index"]], r["usage"]
+        blocks = [f"{n}={d['constexpr']}" for n, d in launch["args"].items() if n.startswith("BLOCK")]
+        name = f"{launch['module'].rsplit('.', 1)[-1]}.{launch['kernel']}" + (
+            f"[{', '.join(blocks)}]" if blocks else ""
+        )
+        k = kernels.setdefault(name, {"kernel": name, "compiled": 0, "registers": 0, "spill_bytes": 0,
+                                      "loads": {}, "with_16_byte_loads": 0})  # fmt: skip
+        k["compiled"] += 1
+        k["registers"] = max(k["registers"], usage["registers"] or 0)
+        k["spill_bytes"] = max(k["spill_bytes"], usage["spill_bytes"] or 0)
+        for width, count in usage["global_loads"].items():
+            k["loads"][int(width)] = k["loads"].get(int(width), 0) + count
+        k["with_16_byte_loads"] += "16" in usage["global_loads"]
+    return list(kernels.values())
+
+
 def write_report(path: str, launches: list[dict], results: list[dict]) -> None:
-    rows = ["| launch | target | registers | spilled bytes | shared bytes | global loads (bytes × count) |"]
-    rows.append("|---|---|---|---|---|---|")
+    """Markdown: a summary per kernel, then one row per compiled (launch, target)."""
+    rows = [
+        "| kernel | compiled | max registers | max spilled bytes | global loads (bytes × count) "
+        "| with 16-byte loads |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in kernel_summary(launches, results):
+        loads = " ".join(f"{w}×{n}" for w, n in sorted(k["loads"].items()))
+        rows.append(
+            f"| `{k['kernel']}` | {k['compiled']} | {k['registers']} | {k['spill_bytes']} | {loads} | "
+            f"{k['with_16_byte_loads']}/{k['compiled']} |"
+        )
+    header = "| launch | target | registers | spilled bytes | shared bytes | global loads (bytes × count) |"
+    rows += ["", header, "|---|---|---|---|---|---|"]
     for r in results:
         if not r.get("ok"):
             continue

@@ -6,9 +6,10 @@ every token applies an affine map to it (DESIGN §4):
     carried token:  the identity (carry_masked=True: a masked token stores the carried last)
 With carry_masked=False rewards and values are multiplied by the mask first and every token is
 a counted one (OpenRLHF). Affine maps compose associatively, so each program (one sequence)
-loads blocks of the sequence in reverse order and runs a forward ``tl.associative_scan`` over
-the maps (not ``reverse=True``, which has had wrong-result bugs), then carries the composed map
-of the block into the next block. A map is five numbers (p, q, x, y, z):
+walks the BLOCK_T-aligned blocks over it latest first, loads each in ascending order (16-byte
+loads), flips it in registers (``tl.flip``) and runs a forward ``tl.associative_scan`` over the
+maps (not ``reverse=True``, which gives wrong results for non-commutative maps, triton#4362),
+then carries the composed map of the block into the next block. A map is five numbers (p, q, x, y, z):
     next_value' = p·next_value + q,   last' = x·next_value + y·last + z
 Discounted returns are the same scan with V = 0 and λ = 1.
 """
@@ -16,6 +17,11 @@ Discounted returns are the same scan with V = 0 and λ = 1.
 import torch
 import triton
 import triton.language as tl
+
+from ._common import block_offsets, block_size, load_block, num_warps, sequence_bounds
+
+#: Largest block of the scan: 5 fp32 map components per lane, composed across the whole block.
+MAX_BLOCK = 1024
 
 
 @triton.jit
@@ -28,18 +34,6 @@ def _compose(p_a, q_a, x_a, y_a, z_a, p_b, q_b, x_b, y_b, z_b):
         y_b * y_a,
         x_b * q_a + y_b * z_a + z_b,
     )
-
-
-@triton.jit
-def sequence_bounds(seq, cu_seqlens_ptr, T, PACKED: tl.constexpr):
-    """[start, end) of sequence ``seq``: from ``cu_seqlens`` when packed, else row seq of (B, T)."""
-    if PACKED:
-        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
-        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
-    else:
-        start = seq.to(tl.int64) * T
-        end = start + T
-    return start, end
 
 
 @triton.jit
@@ -58,6 +52,7 @@ def _gae_fwd_kernel(
     gamma,
     gamma_lam,
     T,
+    N,
     BLOCK_T: tl.constexpr,
     PACKED: tl.constexpr,
     HAS_VALUES: tl.constexpr,
@@ -67,15 +62,22 @@ def _gae_fwd_kernel(
     start, end = sequence_bounds(seq, cu_seqlens_ptr, T, PACKED)
     next_value = tl.zeros((), tl.float32)
     last = tl.zeros((), tl.float32)
-    offs = tl.arange(0, BLOCK_T)
-    is_last = offs == BLOCK_T - 1
-    for i in range(0, tl.cdiv(end - start, BLOCK_T)):
-        pos = end - 1 - i * BLOCK_T - offs  # lane 0 is the latest token of the block
-        inside = pos >= start
-        m = tl.load(mask_ptr + pos, mask=inside, other=0).to(tl.float32)
-        r = tl.load(rewards_ptr + pos, mask=inside, other=0.0).to(tl.float32)
+    lanes = tl.arange(0, BLOCK_T)
+    is_last = lanes == BLOCK_T - 1
+    # The BLOCK_T-aligned blocks of the flat tensor that overlap [start, end), latest first: each
+    # is loaded in ascending order (16-byte loads) and flipped, so that lane 0 is its latest token.
+    first = start // BLOCK_T
+    n_blocks = tl.where(end > start, (end + BLOCK_T - 1) // BLOCK_T - first, 0)
+    for i in range(0, n_blocks):
+        k = n_blocks - 1 - i
+        offs, _, full = block_offsets(first, k, start, end, N, BLOCK_T)
+        pos = (first + k) * BLOCK_T + (BLOCK_T - 1 - lanes)  # offs flipped
+        inside = (pos >= start) & (pos < end)
+        # dim given: Triton 3.6's flip fails to compile with its default dim=None.
+        m = tl.flip(load_block(mask_ptr, offs, N, full), 0)
+        r = tl.flip(load_block(rewards_ptr, offs, N, full), 0)
         if HAS_VALUES:
-            v = tl.load(values_ptr + pos, mask=inside, other=0.0).to(tl.float32)
+            v = tl.flip(load_block(values_ptr, offs, N, full), 0)
         else:
             v = tl.zeros((BLOCK_T,), tl.float32)
         if CARRY_MASKED:
@@ -97,15 +99,11 @@ def _gae_fwd_kernel(
         tl.store(advantages_ptr + pos, advantage, mask=inside)
         if HAS_VALUES:
             tl.store(returns_ptr + pos, advantage + v, mask=inside)
-        # Lanes before the sequence start are identity maps: the last lane composes the block.
+        # Lanes outside the sequence are identity maps: the last lane composes the block.
         next_value, last = (
             _last_lane(P, is_last) * next_value + _last_lane(Q, is_last),
             _last_lane(X, is_last) * next_value + _last_lane(Y, is_last) * last + _last_lane(Z, is_last),
         )
-
-
-def _block_t(longest: int) -> int:
-    return min(max(triton.next_power_of_2(max(longest, 1)), 16), 1024)
 
 
 def gae_fwd(
@@ -128,14 +126,14 @@ def gae_fwd(
     n_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else rewards.shape[0]
     T = rewards.shape[-1] if cu_seqlens is None else 0
     if n_seqs > 0 and rewards.numel() > 0:
-        block_t = _block_t(longest)
+        block_t = block_size(longest, MAX_BLOCK)
         _gae_fwd_kernel[(n_seqs,)](
             rewards, values if values is not None else rewards, mask,
             cu_seqlens if cu_seqlens is not None else mask,
             advantages, returns if returns is not None else advantages,
             gamma, gamma * lam,
-            T,
+            T, rewards.numel(),
             BLOCK_T=block_t, PACKED=cu_seqlens is not None, HAS_VALUES=values is not None,
-            CARRY_MASKED=carry_masked, num_warps=4 if block_t <= 512 else 8,
+            CARRY_MASKED=carry_masked, num_warps=num_warps(block_t, per_thread=4),
         )  # fmt: skip
     return advantages, returns

@@ -9,7 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-METHODS = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
+from ._common import block_size, codes
+
+#: The methods' codes (``Method.grpo`` …), in the order of ``reference.GROUP_METHODS``.
+Method = codes("Method", ("grpo", "dr_grpo", "rloo"))
+#: Largest block of the one program per group (members per step).
+MAX_BLOCK = 1024
 
 
 @triton.jit
@@ -35,7 +40,7 @@ def _group_advantages_kernel(
     nf = n.to(tl.float32)
     mean = total / nf
     std = tl.full((), 1.0, tl.float32)
-    if METHOD == 0:
+    if METHOD == Method.grpo:
         sq = tl.zeros((), tl.float32)
         for j in range(0, n, BLOCK):
             inside = j + offs < n
@@ -43,24 +48,19 @@ def _group_advantages_kernel(
             s = tl.load(scores_ptr + idx, mask=inside, other=0.0).to(tl.float32)
             sq += tl.sum(tl.where(inside, (s - mean) * (s - mean), 0.0), axis=0)
         std = tl.where(n > 1, tl.sqrt(sq / tl.maximum(nf - 1.0, 1.0)), 1.0)
-    if METHOD != 2:
+    if METHOD != Method.rloo:
         mean = tl.where(n > 1, mean, 0.0)  # a group of one: mean 0 (and std 1)
     for j in range(0, n, BLOCK):
         inside = j + offs < n
         idx = tl.load(order_ptr + start + j + offs, mask=inside, other=0)
         s = tl.load(scores_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-        if METHOD == 0:
+        if METHOD == Method.grpo:
             adv = (s - mean) / (std + eps)
-        elif METHOD == 1:
+        elif METHOD == Method.dr_grpo:
             adv = s - mean
         else:
             adv = tl.where(n > 1, (s - mean) * nf / tl.maximum(nf - 1.0, 1.0), s)
         tl.store(advantages_ptr + idx, adv, mask=inside)
-
-
-def _block(largest_group: int) -> int:
-    """Members per step of the one program per group, from the largest group."""
-    return min(max(triton.next_power_of_2(largest_group), 16), 1024)
 
 
 def group_advantages_fwd(
@@ -74,8 +74,8 @@ def group_advantages_fwd(
     sorted_ids, order = torch.sort(group_ids, stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    block = _block(int(counts.max()))
+    block = block_size(int(counts.max()), MAX_BLOCK)
     _group_advantages_kernel[(counts.numel(),)](
-        scores, order, starts, counts, advantages, eps, BLOCK=block, METHOD=METHODS[method]
+        scores, order, starts, counts, advantages, eps, BLOCK=block, METHOD=Method.of(method, "method")
     )  # fmt: skip
     return advantages

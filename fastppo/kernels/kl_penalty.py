@@ -9,14 +9,23 @@ estimators). An optional ``clamp`` c bounds the value to [−c, c] (gradient 0 o
 the straight-through ones).
 
 ``kl_estimate`` is also called by the PPO policy-loss kernel for its KL term.
+
+The op is elementwise over the flat tokens (any layout, packed included: nothing about sequences
+is read). Each program takes one BLOCK-aligned block and loads it unmasked unless it runs past N,
+so the loads are 16-byte vectors.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-#: Estimator name → the code the kernels switch on (a constexpr: one compiled variant each).
-ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "k1+": 4, "k3+": 5}
+from ._common import codes, load_block, num_warps
+
+#: Estimator codes the kernels switch on (a constexpr: one compiled variant each); the public
+#: names in the same order ("k1+"/"k3+" are the straight-through ``k1_st``/``k3_st``).
+Estimator = codes("Estimator", ("k1", "k2", "k3", "abs", "k1_st", "k3_st"))
+#: Public estimator name → its code.
+ESTIMATORS = dict(zip(("k1", "k2", "k3", "abs", "k1+", "k3+"), range(len(Estimator)), strict=True))
 
 
 @triton.jit
@@ -48,13 +57,13 @@ def _k3_and_expm1(x):
 @triton.jit
 def kl_estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     """(value, ∂value/∂d) of the estimator at d = logp − ref_logp, elementwise."""
-    if ESTIMATOR == 0 or ESTIMATOR == 4:  # k1, k1+
+    if ESTIMATOR == Estimator.k1 or ESTIMATOR == Estimator.k1_st:
         value = d
         grad = tl.full(d.shape, 1.0, d.dtype)
-    elif ESTIMATOR == 1:  # k2
+    elif ESTIMATOR == Estimator.k2:
         value = 0.5 * d * d
         grad = d
-    elif ESTIMATOR == 2 or ESTIMATOR == 5:  # k3, k3+
+    elif ESTIMATOR == Estimator.k3 or ESTIMATOR == Estimator.k3_st:
         x = tl.minimum(tl.maximum(-d, -20.0), 20.0)
         k3, em1 = _k3_and_expm1(x)
         value = k3 + (x + d)  # x + d = 0 inside the clamp; beyond it k3 goes on linearly in d
@@ -65,9 +74,38 @@ def kl_estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
     if HAS_CLAMP:
         grad = tl.where(tl.abs(value) <= clamp, grad, 0.0)
         value = tl.minimum(tl.maximum(value, -clamp), clamp)
-    if ESTIMATOR == 4 or ESTIMATOR == 5:  # straight-through: the gradient of k2
+    if ESTIMATOR == Estimator.k1_st or ESTIMATOR == Estimator.k3_st:  # the gradient of k2
         grad = d
     return value, grad
+
+
+@triton.jit
+def _block(N, BLOCK: tl.constexpr):
+    """This program's block of the flat tokens: offsets (from a multiple of BLOCK) and whether all
+    of them lie inside the N tokens."""
+    base = tl.multiple_of(tl.program_id(0).to(tl.int64) * BLOCK, BLOCK)
+    offs = base + tl.arange(0, BLOCK)
+    return offs, base + BLOCK <= N
+
+
+@triton.jit
+def _load(ptr, offs, N, full, ACC_DTYPE: tl.constexpr):
+    if ACC_DTYPE == tl.float64:  # load_block widens to fp32 only
+        if full:
+            x = tl.load(ptr + offs).to(tl.float64)
+        else:
+            x = tl.load(ptr + offs, mask=offs < N, other=0.0).to(tl.float64)
+    else:
+        x = load_block(ptr, offs, N, full)
+    return x
+
+
+@triton.jit
+def _store(ptr, offs, value, N, full):
+    if full:
+        tl.store(ptr + offs, value)
+    else:
+        tl.store(ptr + offs, value, mask=offs < N)
 
 
 @triton.jit
@@ -82,13 +120,12 @@ def _kl_penalty_fwd_kernel(
     HAS_CLAMP: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < N
-    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-    ref = tl.load(ref_logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    offs, full = _block(N, BLOCK)
+    logp = _load(logp_ptr, offs, N, full, ACC_DTYPE)
+    ref = _load(ref_logp_ptr, offs, N, full, ACC_DTYPE)
     # The bound arrives as fp64 (a Python float would reach the kernel rounded to fp32).
     value, _ = kl_estimate(logp - ref, tl.full((), clamp, ACC_DTYPE), ESTIMATOR, HAS_CLAMP)
-    tl.store(kl_ptr + offs, value, mask=inside)
+    _store(kl_ptr, offs, value, N, full)
 
 
 @triton.jit
@@ -107,16 +144,15 @@ def _kl_penalty_bwd_kernel(
     HAS_GRAD_REF: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < N
-    logp = tl.load(logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-    ref = tl.load(ref_logp_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
-    g = tl.load(grad_kl_ptr + offs, mask=inside, other=0.0).to(ACC_DTYPE)
+    offs, full = _block(N, BLOCK)
+    logp = _load(logp_ptr, offs, N, full, ACC_DTYPE)
+    ref = _load(ref_logp_ptr, offs, N, full, ACC_DTYPE)
+    g = _load(grad_kl_ptr, offs, N, full, ACC_DTYPE)
     _, dkl = kl_estimate(logp - ref, tl.full((), clamp, ACC_DTYPE), ESTIMATOR, HAS_CLAMP)
     if HAS_GRAD_LOGP:
-        tl.store(grad_logp_ptr + offs, g * dkl, mask=inside)
+        _store(grad_logp_ptr, offs, g * dkl, N, full)
     if HAS_GRAD_REF:  # d = logp − ref: the reference gets the opposite gradient
-        tl.store(grad_ref_logp_ptr + offs, -g * dkl, mask=inside)
+        _store(grad_ref_logp_ptr, offs, -g * dkl, N, full)
 
 
 _BLOCK = 1024
@@ -139,7 +175,7 @@ def kl_penalty_fwd(
             0.0 if clamp is None else clamp,
             N,
             BLOCK=_BLOCK, ESTIMATOR=ESTIMATORS[estimator], HAS_CLAMP=clamp is not None,
-            ACC_DTYPE=_acc_dtype(logp, ref_logp),
+            ACC_DTYPE=_acc_dtype(logp, ref_logp), num_warps=num_warps(_BLOCK),
         )  # fmt: skip
     return kl
 
@@ -166,5 +202,6 @@ def kl_penalty_bwd(
             N,
             BLOCK=_BLOCK, ESTIMATOR=ESTIMATORS[estimator], HAS_CLAMP=clamp is not None,
             HAS_GRAD_LOGP=need_logp, HAS_GRAD_REF=need_ref, ACC_DTYPE=_acc_dtype(logp, ref_logp),
+            num_warps=num_warps(_BLOCK),
         )  # fmt: skip
     return grad_logp, grad_ref

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import block_size, num_warps
+
 # Finite start for the running max: keeps (m_old − m_new)·s and e·(z − m) free of inf − inf.
 # A kernel may read a global only when it is a tl.constexpr (the interpreter forgives the rest).
 _NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
@@ -184,12 +186,13 @@ def can_address(logits: torch.Tensor) -> bool:
 
 def _launch_config(V: int, K: int, dtype: torch.dtype) -> dict:
     # 16-bit logits: 8192-wide tiles keep 16 KiB in flight per pass; fp32/fp64 use 4096.
-    block_v = min(triton.next_power_of_2(V), 8192 if dtype.itemsize == 2 else 4096)
+    block_v = block_size(V, 8192 if dtype.itemsize == 2 else 4096)
     return {
         "BLOCK_V": block_v,
         "BLOCK_K": triton.next_power_of_2(K),
         "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32,
-        "num_warps": max(4, min(16, block_v // 512)),
+        # 16 logits per thread: one or two 16-byte loads of each tile, few threads per reduction.
+        "num_warps": num_warps(block_v, per_thread=16),
     }
 
 

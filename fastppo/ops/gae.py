@@ -9,7 +9,9 @@ import torch
 
 from fastppo import reference
 from fastppo._backend import use_triton
-from fastppo._checks import check_layout, check_token_tensors, check_unit_interval
+from fastppo._checks import check_token_tensors, check_unit_interval
+
+from . import _library
 
 
 @torch.no_grad()
@@ -41,24 +43,13 @@ def gae(
     """
     shape = check_token_tensors(rewards=rewards, values=values, mask=mask)
     gamma, lam = check_unit_interval("gamma", gamma), check_unit_interval("lam", lam)
-    cu, longest = check_layout(cu_seqlens, shape, rewards.device)
+    cu, longest = _library.layout(cu_seqlens, shape, rewards.device)
     if not use_triton(rewards):
         return reference.gae(
             rewards, values, mask, gamma=gamma, lam=lam, cu_seqlens=cu, carry_masked=carry_masked
         )
-    from fastppo.kernels.gae import gae_fwd
-
     c = lambda x: x.contiguous()  # noqa: E731
-    return gae_fwd(
-        c(rewards),
-        c(values),
-        c(mask),
-        cu,
-        gamma=gamma,
-        lam=lam,
-        carry_masked=bool(carry_masked),
-        longest=longest,
-    )
+    return _library.gae(c(rewards), c(values), c(mask), cu, gamma, lam, bool(carry_masked), longest)
 
 
 @torch.no_grad()
@@ -70,19 +61,7 @@ def discounted_returns(
     is ignored. Layouts as in ``gae``; fp32 out."""
     shape = check_token_tensors(rewards=rewards, mask=mask)
     gamma = check_unit_interval("gamma", gamma)
-    cu, longest = check_layout(cu_seqlens, shape, rewards.device)
+    cu, longest = _library.layout(cu_seqlens, shape, rewards.device)
     if not use_triton(rewards):
         return reference.discounted_returns(rewards, mask, gamma=gamma, cu_seqlens=cu)
-    from fastppo.kernels.gae import gae_fwd
-
-    advantages, _ = gae_fwd(
-        rewards.contiguous(),
-        None,
-        mask.contiguous(),
-        cu,
-        gamma=gamma,
-        lam=1.0,
-        carry_masked=True,
-        longest=longest,
-    )
-    return advantages
+    return _library.discounted_returns(rewards.contiguous(), mask.contiguous(), cu, gamma, longest)

@@ -9,6 +9,8 @@ from fastppo import reference
 from fastppo._backend import use_triton
 from fastppo._checks import check_choice, check_positive, check_same_device, check_tensor
 
+from . import _library
+
 
 @torch.no_grad()
 def group_advantages(
@@ -42,6 +44,4 @@ def group_advantages(
     eps = check_positive("eps", eps)
     if not use_triton(scores):
         return reference.group_advantages(scores, group_ids, method=method, eps=eps)
-    from fastppo.kernels.group_advantages import group_advantages_fwd
-
-    return group_advantages_fwd(scores.contiguous(), group_ids.contiguous(), method=method, eps=eps)
+    return _library.group_advantages(scores.contiguous(), group_ids.contiguous(), method, eps)

@@ -17,7 +17,7 @@ class KLPenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, ref_logp, estimator, clamp):
-        from fastppo.kernels.kl_penalty import kl_penalty_fwd
+        from fastppo.ops._library import kl_penalty_fwd
 
         ctx.save_for_backward(logp, ref_logp)
         ctx.estimator, ctx.clamp = estimator, clamp
@@ -26,7 +26,7 @@ class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
-        from fastppo.kernels.kl_penalty import kl_penalty_bwd
+        from fastppo.ops._library import kl_penalty_bwd
 
         logp, ref_logp = ctx.saved_tensors
         grad_logp, grad_ref = kl_penalty_bwd(
@@ -50,7 +50,8 @@ def kl_penalty(
     before the exp), and the straight-through "k1+"/"k3+" (value of k1/k3, gradient of k2).
 
     Args:
-        logp, ref_logp: the same shape (any), float dtypes; both receive gradients.
+        logp, ref_logp: the same shape (any: padded (B, T) or packed (N,) alike, elementwise, no
+            sequence bounds needed), float dtypes; both receive gradients.
         estimator: one of the names above.
         clamp: c > 0 bounds the result to [−c, c] (verl clamps k3 to 10); None for no bound.
 

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from fastppo import reference
 from fastppo._backend import use_triton
-from fastppo._checks import check_int, check_positive, check_same_device, check_tensor
+from fastppo._checks import check_int, check_labels, check_positive, check_same_device, check_tensor
 
 HALF_AND_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -25,11 +25,11 @@ HALF_AND_SINGLE = (torch.bfloat16, torch.float16, torch.float32)
 class LinearLogprobsFunction(torch.autograd.Function):
     """forward(hidden (N, H), weight (V, H), bias (V,) | None, labels (N, K), temperature,
     ignore_index, softcap, chunk) -> logp (N, K), entropy (N,), both fp32. ``hidden``, ``weight``
-    and ``bias`` arrive in the compute dtype; only rows with a counted label are passed in."""
+    and ``bias`` arrive in the compute dtype; rows whose labels are all ignored give 0."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, softcap, chunk):
-        from fastppo.kernels.linear_logprobs import linear_logprobs_fwd
+        from fastppo.ops._library import linear_logprobs_fwd
 
         logp, entropy, lse = linear_logprobs_fwd(
             hidden, weight, bias, labels, temperature=temperature, ignore_index=ignore_index,
@@ -43,7 +43,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        from fastppo.kernels.linear_logprobs import linear_logprobs_bwd
+        from fastppo.ops._library import linear_logprobs_bwd
 
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
@@ -86,7 +86,9 @@ def linear_logprobs(
         weight: ``(V, H)`` lm_head weight (tied embeddings work: it may be the embedding's
             Parameter). No gradient is computed for it when it does not require one (frozen, PEFT).
         labels: ``(...)`` in [0, V) or ``ignore_index``; or ``(..., K)`` for K labels per row.
-            Rows whose labels are all ignored cost no GEMM work and give 0.
+            Rows whose labels are all ignored give 0 and no gradient (they still go through the
+            GEMMs: skipping them would need their count on the host). Values are checked without
+            a host read (``torch._assert_async``).
         bias: optional ``(V,)``.
         temperature, ignore_index: as in ``token_logprobs`` (runtime arguments).
         return_entropy: also return the per-row entropy ``(...)``.
@@ -127,11 +129,7 @@ def linear_logprobs(
             f"labels must have shape {tuple(lead)} (or + (K,)) to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(labels.shape)}"
         )
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if labels.numel() and bool(bad.any()):
-        raise ValueError(
-            f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {labels[bad][0].item()}"
-        )
+    check_labels(labels, V, ignore_index)
 
     dtype = _compute_dtype(hidden, head_dtype)
     kwargs = dict(temperature=temperature, ignore_index=ignore_index, logit_softcap=logit_softcap)
@@ -151,20 +149,18 @@ def linear_logprobs(
     from fastppo.kernels.linear_logprobs import chunk_rows
 
     K = labels.shape[-1] if top_k else 1
-    labels_2d = labels.reshape(-1, K)
-    active = (labels_2d != ignore_index).any(1).nonzero().squeeze(1)  # one host sync
+    labels_2d = labels.reshape(-1, K).contiguous()
+    # Every row goes through the GEMMs (rows whose labels are all ignored give 0 and no gradient):
+    # leaving them out would need their count on the host, a read that stalls the GPU's queue.
     logp = torch.zeros(labels_2d.shape, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros(labels_2d.shape[0], dtype=torch.float32, device=hidden.device)
-    if active.numel():
+    if labels_2d.shape[0]:
         chunk = chunk_size or chunk_rows(V, torch.finfo(dtype).bits // 8)
-        rows = hidden.reshape(-1, H)[active].to(dtype)
         head_bias = None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # the op picks its dtype itself
-            logp_active, entropy_active = LinearLogprobsFunction.apply(
-                rows, weight.to(dtype), head_bias, labels_2d[active].contiguous(), temperature, ignore_index,
-                logit_softcap, chunk,
+            logp, entropy = LinearLogprobsFunction.apply(
+                hidden.reshape(-1, H).to(dtype), weight.to(dtype), head_bias, labels_2d, temperature,
+                ignore_index, logit_softcap, chunk,
             )  # fmt: skip
-        logp = logp.index_put((active,), logp_active)
-        entropy = entropy.index_put((active,), entropy_active)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(lead)) if return_entropy else logp

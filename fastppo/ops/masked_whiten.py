@@ -9,6 +9,8 @@ from fastppo import reference
 from fastppo._backend import use_triton
 from fastppo._checks import check_token_tensors
 
+from . import _library
+
 
 @torch.no_grad()
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
@@ -25,7 +27,5 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     check_token_tensors(allow_any_shape=True, x=x, mask=mask)
     if not use_triton(x):
         return reference.masked_whiten(x, mask, shift_mean=shift_mean)
-    from fastppo.kernels.masked_whiten import masked_whiten_fwd
-
-    out = masked_whiten_fwd(x.reshape(-1).contiguous(), mask.reshape(-1).contiguous(), shift_mean=shift_mean)
+    out = _library.masked_whiten(x.reshape(-1).contiguous(), mask.reshape(-1).contiguous(), bool(shift_mean))
     return out.view(x.shape)

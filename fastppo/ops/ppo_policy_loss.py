@@ -15,29 +15,42 @@ from fastppo import reference
 from fastppo._backend import use_triton
 from fastppo._checks import (
     check_choice,
+    check_cu_seqlens,
     check_finite,
     check_positive,
-    check_tensor,
     check_token_tensors,
 )
 from fastppo.reference import POLICY_LOSSES, RATIO_LEVELS, RolloutCorrection
 
 
 class PPOPolicyLossFunction(torch.autograd.Function):
-    """forward(logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp, options,
-    store_grad) -> loss (0-d), out (len(STATS),); inputs (B, T) contiguous."""
+    """forward(logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp, layout,
+    options, store_grad) -> loss (0-d), out (len(STATS),); inputs contiguous, (B, T) or packed (N,)
+    as ``layout`` (``fastppo.kernels.masked_reduce.TokenLayout``) says."""
 
     @staticmethod
     def forward(
-        ctx, logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp, options, store_grad
+        ctx,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        entropy,
+        weights,
+        rollout_logp,
+        layout,
+        options,
+        store_grad,
     ):
-        from fastppo.kernels.ppo_policy_loss import ppo_policy_loss_fwd
+        from fastppo.ops._library import ppo_policy_loss_fwd
 
         loss, out, dlogp, row_scale = ppo_policy_loss_fwd(
-            logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp,
+            logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp, layout,
             **options, store_grad=store_grad,
         )  # fmt: skip
         ctx.save_for_backward(dlogp, row_scale, mask)
+        ctx.layout = layout
         ctx.entropy_coef = options["entropy_coef"]
         ctx.logp_dtype = logp.dtype
         ctx.entropy_dtype = entropy.dtype if entropy is not None else None
@@ -47,7 +60,7 @@ class PPOPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_out):
-        from fastppo.kernels.ppo_policy_loss import ppo_policy_loss_bwd
+        from fastppo.ops._library import ppo_policy_loss_bwd
 
         dlogp, row_scale, mask = ctx.saved_tensors
         grad_logp, grad_entropy = ppo_policy_loss_bwd(
@@ -55,11 +68,12 @@ class PPOPolicyLossFunction(torch.autograd.Function):
             dlogp if ctx.needs_input_grad[0] else None,
             row_scale,
             mask,
+            ctx.layout,
             entropy_coef=ctx.entropy_coef,
             logp_dtype=ctx.logp_dtype,
             entropy_dtype=ctx.entropy_dtype if ctx.needs_input_grad[5] else None,
         )
-        return grad_logp, None, None, None, None, grad_entropy, None, None, None, None
+        return grad_logp, None, None, None, None, grad_entropy, None, None, None, None, None
 
 
 def _check_options(loss, ratio_level, clip_low, clip_high, dual_clip, sapo_tau, rollout_correction):
@@ -85,32 +99,6 @@ def _check_options(loss, ratio_level, clip_low, clip_high, dual_clip, sapo_tau, 
             f"rollout_correction must be a RolloutCorrection, got {type(rollout_correction).__name__}"
         )
     return clip_low, clip_high, sapo_tau
-
-
-def _packed_to_padded(cu_seqlens: torch.Tensor, n: int):
-    """For packed ``(N,)`` inputs: a function taking each to a right-padded (S, L) copy
-    (differentiable: the gradient comes back to the packed tokens)."""
-    check_tensor("cu_seqlens", cu_seqlens, integer=True)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must have shape (S + 1,), got {tuple(cu_seqlens.shape)}")
-    bounds = cu_seqlens.long()
-    lengths = bounds[1:] - bounds[:-1]
-    if int(bounds[0]) != 0 or int(bounds[-1]) != n or bool((lengths < 0).any()):
-        raise ValueError(
-            f"cu_seqlens must rise from 0 to the number of tokens ({n}), got {cu_seqlens.tolist()}"
-        )
-    width = int(lengths.max()) if lengths.numel() else 0
-    t = torch.arange(width, device=bounds.device)
-    keep = t[None, :] < lengths[:, None]
-    dst = keep.flatten().nonzero().flatten()
-
-    def pad(x):
-        if x is None:
-            return None
-        flat = x.new_zeros(lengths.numel() * width)
-        return flat.index_copy(0, dst.to(x.device), x).view(lengths.numel(), width)
-
-    return pad
 
 
 def ppo_policy_loss(
@@ -172,6 +160,8 @@ def ppo_policy_loss(
             (default ``RolloutCorrection()``: token-level TIS at 2).
         cu_seqlens: ``(S + 1,)`` int boundaries of S packed sequences in ``(N,)`` inputs: each is
             a row (for the sequence ratio, the sequence rollout weight and the seq aggregations).
+            The kernels read the packed tokens in place: no padded copy, no host read (its
+            values are checked with ``torch._assert_async``).
 
     Returns:
         ``(loss, stats)``: the fp32 0-d loss and a dict of 0-d fp32 tensors (no host sync):
@@ -198,13 +188,7 @@ def ppo_policy_loss(
     if rollout_correction is not None and rollout_logp is None:
         raise ValueError("rollout_correction needs rollout_logp")
     if cu_seqlens is not None:
-        if len(shape) != 1:
-            raise ValueError(f"cu_seqlens needs packed (N,) inputs, got logp of shape {tuple(shape)}")
-        pad = _packed_to_padded(cu_seqlens, shape[0])
-        logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp = map(
-            pad, (logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp)
-        )
-        shape = logp.shape
+        cu_seqlens = check_cu_seqlens(cu_seqlens, shape, logp.device)
     rc = rollout_correction or RolloutCorrection()
     options = dict(
         loss=loss,
@@ -221,12 +205,14 @@ def ppo_policy_loss(
     if not use_triton(logp):
         return reference.ppo_policy_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy, weights=weights,
-            rollout_logp=rollout_logp, rollout_correction=rollout_correction, **options,
+            rollout_logp=rollout_logp, rollout_correction=rollout_correction, cu_seqlens=cu_seqlens,
+            **options,
         )  # fmt: skip
 
+    from fastppo.kernels.masked_reduce import token_layout
     from fastppo.kernels.ppo_policy_loss import STATS
 
-    as_2d = lambda x: None if x is None else x.reshape(-1, shape[-1] if shape else 1).contiguous()  # noqa: E731
+    contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     store_grad = torch.is_grad_enabled() and logp.requires_grad
     options.update(
         rollout_level=rc.level if rollout_logp is not None else None,
@@ -234,7 +220,8 @@ def ppo_policy_loss(
         rollout_bounds=(rc.lower, float(rc.high)),
     )
     loss_value, out = PPOPolicyLossFunction.apply(
-        *map(as_2d, (logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp)),
+        *map(contiguous, (logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp)),
+        token_layout(shape, cu_seqlens),
         options,
         store_grad,
     )

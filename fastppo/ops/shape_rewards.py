@@ -7,7 +7,9 @@ import torch
 
 from fastppo import reference
 from fastppo._backend import use_triton
-from fastppo._checks import check_finite, check_layout, check_tensor, check_token_tensors
+from fastppo._checks import check_finite, check_tensor, check_token_tensors
+
+from . import _library
 
 
 @torch.no_grad()
@@ -34,7 +36,7 @@ def shape_rewards(
     check_tensor("scores", scores, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if check_finite("kl_coef", kl_coef) != 0 and kl is None:
         raise ValueError("kl_coef != 0 needs kl")
-    cu, longest = check_layout(cu_seqlens, shape, mask.device)
+    cu, longest = _library.layout(cu_seqlens, shape, mask.device)
     n_seqs = shape[0] if cu is None else cu.numel() - 1
     if scores.shape != (n_seqs,):
         raise ValueError(f"scores must have shape ({n_seqs},), one per sequence, got {tuple(scores.shape)}")
@@ -42,13 +44,5 @@ def shape_rewards(
         raise ValueError(f"scores must be on {mask.device}, got {scores.device}")
     if not use_triton(mask):
         return reference.shape_rewards(scores, mask, kl=kl, kl_coef=kl_coef, cu_seqlens=cu_seqlens)
-    from fastppo.kernels.shape_rewards import shape_rewards_fwd
-
-    return shape_rewards_fwd(
-        scores.contiguous(),
-        mask.contiguous(),
-        None if kl is None else kl.contiguous(),
-        cu,
-        kl_coef=float(kl_coef),
-        longest=longest,
-    )
+    kl = None if kl is None else kl.contiguous()
+    return _library.shape_rewards(scores.contiguous(), mask.contiguous(), kl, cu, float(kl_coef), longest)

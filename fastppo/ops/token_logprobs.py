@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from fastppo import reference
 from fastppo._backend import use_triton
 from fastppo._checks import FLOAT_DTYPES, check_int, check_positive, check_same_device, check_tensor
+from fastppo._checks import check_labels as check_label_values
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -22,7 +23,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, inplace_backward):
-        from fastppo.kernels import token_logprobs_fwd
+        from fastppo.ops._library import token_logprobs_fwd
 
         logp, entropy, lse = token_logprobs_fwd(
             logits, labels, temperature=temperature, ignore_index=ignore_index
@@ -38,7 +39,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        from fastppo.kernels import token_logprobs_bwd
+        from fastppo.ops._library import token_logprobs_bwd
 
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
@@ -87,8 +88,9 @@ def token_logprobs(
         inplace_backward: write the logits' gradient into the logits' own storage, so
             forward + backward need no extra N×V buffer. The logits' values are destroyed by the
             backward; anything else that saved them for its backward then raises.
-        check_labels: verify labels lie in [0, V) or equal ``ignore_index`` (one host sync).
-            When off, out-of-range labels give NaN (never an out-of-bounds read).
+        check_labels: verify labels lie in [0, V) or equal ``ignore_index`` (no host read:
+            ``torch._assert_async``, which raises at once on CPU and fails the CUDA stream
+            asynchronously). When off, out-of-range labels give NaN (never an out-of-bounds read).
 
     Returns:
         ``logp`` shaped like ``labels``, fp32 (fp64 for fp64 logits); with ``return_entropy``,
@@ -116,13 +118,8 @@ def token_logprobs(
             f"labels must have shape {tuple(lead)} (or {tuple(lead)} + (K,) for top-K) to match logits "
             f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
         )
-    if check_labels and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            first = labels[bad].flatten()[0].item()
-            raise ValueError(
-                f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, found {first}"
-            )
+    if check_labels:
+        check_label_values(labels, V, ignore_index)
 
     if not use_triton(logits):
         return reference.token_logprobs(

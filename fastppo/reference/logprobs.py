@@ -4,6 +4,8 @@ import functools
 
 import torch
 
+from fastppo.kernels.linear_logprobs import chunk_rows
+
 from ._common import _acc_dtype
 
 
@@ -62,8 +64,11 @@ def linear_logprobs(
     head_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs`` of the logits ``hidden·weightᵀ + bias`` (softcapped as c·tanh(z / c)),
-    ``chunk_size`` rows at a time (default 1024), each chunk recomputed in the backward
-    (``torch.utils.checkpoint``), so that no more than one chunk of logits is held.
+    ``chunk_size`` rows at a time (default: the fused path's, about 256 MiB of logits), each chunk
+    recomputed in the backward (``torch.utils.checkpoint``), so that no more than one chunk of
+    logits is held. Batch-invariant as the fused path is: every chunk is a fresh buffer of one
+    shape (the last one padded with zero rows), so every GEMM of a call has one shape and a row's
+    outputs are bitwise the same whatever other rows share the call.
 
     Args: as ``fastppo.linear_logprobs``: hidden ``(..., H)``, weight ``(V, H)``, labels ``(...)``
     or ``(..., K)``; ``head_dtype`` the projection's dtype (default: hidden's).
@@ -85,14 +90,22 @@ def linear_logprobs(
             z = logit_softcap * torch.tanh(z.float() / logit_softcap)
         return token_logprobs(z, y_c, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
 
-    step = chunk_size or 1024
+    step = chunk_size or chunk_rows(weight.shape[0], torch.finfo(dtype).bits // 8)
     # One chunk holds no more than itself: it needs no recomputation.
     run = (
         chunk_outputs
         if h.shape[0] <= step
         else functools.partial(checkpoint, chunk_outputs, use_reentrant=False)
     )
-    parts = [run(h[i : i + step], y[i : i + step], weight, bias) for i in range(0, h.shape[0], step)]
+
+    def chunk(i):
+        n = min(step, h.shape[0] - i)
+        h_c = torch.cat([h[i : i + n], h.new_zeros(step - n, H)])  # a fresh buffer, always
+        y_c = torch.cat([y[i : i + n], y.new_full((step - n, K), ignore_index)])
+        logp_c, entropy_c = run(h_c, y_c, weight, bias)
+        return logp_c[:n], entropy_c[:n]
+
+    parts = [chunk(i) for i in range(0, h.shape[0], step)]
     logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros((0, K), dtype=torch.float32)
     entropy = torch.cat([p[1] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
     logp = logp.float().view(labels.shape)

@@ -53,9 +53,8 @@ import dataclasses
 
 import torch
 
-from ._common import _masked, agg_loss, masked_mean
-from .advantages import _padded_view
-from .losses import kl_penalty
+from ._common import _masked, masked_mean
+from .losses import Rows, agg_rows, kl_penalty
 
 POLICY_LOSSES = ("clip", "cispo", "sapo", "geo_mean")
 RATIO_LEVELS = ("token", "sequence")
@@ -102,34 +101,39 @@ class RolloutCorrection:
         return 0.0 if self.low is None else float(self.low)
 
 
-def _row_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per row Σ m·x / max(Σ m, 1), kept as a column (B, 1)."""
-    return _masked(x, m).sum(-1, keepdim=True) / torch.clamp(m.sum(-1, keepdim=True), min=1.0)
+def _row_sum(x: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+    """Per row Σ x kept as a column (B, 1); packed (``rows``): each token's sequence's Σ x."""
+    return x.sum(-1, keepdim=True) if rows is None else rows.per_token(x)
 
 
-def ratio_of(lp, old, m, ratio_level: str) -> torch.Tensor:
-    """The ratio for ``ratio_level``, differentiable in ``lp`` (B, T)."""
+def _row_mean(x: torch.Tensor, m: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+    """Per row Σ m·x / max(Σ m, 1), as ``_row_sum`` shapes it."""
+    return _row_sum(_masked(x, m), rows) / torch.clamp(_row_sum(m, rows), min=1.0)
+
+
+def ratio_of(lp, old, m, ratio_level: str, rows: Rows | None = None) -> torch.Tensor:
+    """The ratio for ``ratio_level``, differentiable in ``lp`` (B, T) (packed: (1, N), ``rows``)."""
     log_ratio = lp - old
     if ratio_level == "token":
         return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-    seq = _row_mean(log_ratio.detach(), m)
+    seq = _row_mean(log_ratio.detach(), m, rows)
     # exp(lp − sg[lp]) is exactly 1 with derivative 1: the value is sᵢ unrounded, the gradient sᵢ
     # (none where the clamp at 10 holds).
     tie = torch.where(seq <= SEQ_LOG_RATIO_MAX, torch.exp(lp - lp.detach()), 1.0)
     return torch.exp(torch.clamp(seq, max=SEQ_LOG_RATIO_MAX)) * tie
 
 
-def geo_mean_terms(lp, old, adv, m, clip_low, clip_high):
+def geo_mean_terms(lp, old, adv, m, clip_low, clip_high, rows: Rows | None = None):
     """GMPO-token's (B, T) per-token loss, ratio, clipped and lower (module docstring)."""
     lr = lp - old
     sign = torch.sign(adv)
     x = sign * torch.minimum(sign * lr, sign * torch.clamp(lr, -clip_low, clip_high))
-    seq = _row_mean(x.detach(), m)
+    seq = _row_mean(x.detach(), m, rows)
     # exp(x − sg[x]) is exactly 1 with derivative ∂x/∂logp: value ρᵢ, gradient ρᵢ·∂xₜ/∂logpₜ.
     tie = torch.where(seq <= LOG_RATIO_BOUND, torch.exp(x - x.detach()), 1.0)
     ratio = torch.exp(torch.clamp(seq, max=LOG_RATIO_BOUND)) * tie
     outside = (lr > clip_high) | (lr < -clip_low)
-    return -_row_mean(adv, m) * ratio, ratio, outside & (adv > 0), outside & (adv < 0)
+    return -_row_mean(adv, m, rows) * ratio, ratio, outside & (adv > 0), outside & (adv < 0)
 
 
 def surrogate(lp, ratio, adv, *, loss, clip_low, clip_high, dual_clip, sapo_tau):
@@ -150,15 +154,15 @@ def surrogate(lp, ratio, adv, *, loss, clip_low, clip_high, dual_clip, sapo_tau)
     return pg, clipped > unclipped, lower
 
 
-def rollout_weights(old, rollout, m, rc: RolloutCorrection):
+def rollout_weights(old, rollout, m, rc: RolloutCorrection, rows: Rows | None = None):
     """(weight w, filtered indicator) of the rollout correction, constants."""
     d = old - rollout
     if rc.level == "token":
         rho = torch.exp(torch.clamp(d, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     elif rc.level == "sequence":
-        rho = torch.exp(torch.clamp(_masked(d, m).sum(-1, keepdim=True), -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        rho = torch.exp(torch.clamp(_row_sum(_masked(d, m), rows), -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     else:
-        rho = torch.exp(_row_mean(d, m))
+        rho = torch.exp(_row_mean(d, m, rows))
     rho = rho.expand_as(d)
     if rc.mode == "truncate":
         w = torch.clamp(rho, min=rc.low, max=rc.high)
@@ -200,20 +204,17 @@ def ppo_policy_loss(
     Returns:
         ``(loss, stats)``: fp32 0-d loss and a dict of 0-d fp32 tensors (module docstring).
     """
-    if cu_seqlens is not None:
-        pad = lambda x: None if x is None else _padded_view(x, cu_seqlens)[0]  # noqa: E731
-        logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp = map(
-            pad, (logp, old_logp, advantages, mask, ref_logp, entropy, weights, rollout_logp)
-        )
+    # Packed: per-sequence sums by index_add (no padded copy, no host read).
+    rows = None if cu_seqlens is None else Rows(cu_seqlens, logp.shape[0])
     clip_high = clip_low if clip_high is None else clip_high
     f32 = lambda x: x.detach().float() if x.dtype != torch.float64 else x.detach()  # noqa: E731
     lp = logp.float() if logp.dtype != torch.float64 else logp
     old, adv, m = f32(old_logp), f32(advantages), mask.detach().to(lp.dtype)
     if loss == "geo_mean":
-        terms = geo_mean_terms(*map(torch.atleast_2d, (lp, old, adv, m)), clip_low, clip_high)
+        terms = geo_mean_terms(*map(torch.atleast_2d, (lp, old, adv, m)), clip_low, clip_high, rows)
         pg, ratio, clipped, lower = (t.reshape(lp.shape) for t in terms)
     else:
-        ratio = ratio_of(*map(torch.atleast_2d, (lp, old, m)), ratio_level).reshape(lp.shape)
+        ratio = ratio_of(*map(torch.atleast_2d, (lp, old, m)), ratio_level, rows).reshape(lp.shape)
         clips = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
         pg, clipped, lower = surrogate(lp, ratio, adv, loss=loss, sapo_tau=sapo_tau, **clips)
     if weights is not None:
@@ -221,7 +222,7 @@ def ppo_policy_loss(
     stats = {}
     if rollout_logp is not None:
         rc = rollout_correction or RolloutCorrection()
-        w, filtered = rollout_weights(*(torch.atleast_2d(x) for x in (old, f32(rollout_logp), m)), rc)
+        w, filtered = rollout_weights(*(torch.atleast_2d(x) for x in (old, f32(rollout_logp), m)), rc, rows)
         w, filtered = w.reshape(lp.shape), filtered.reshape(lp.shape)
         pg = pg * w
         stats["is_weight_mean"] = masked_mean(w, m)
@@ -246,4 +247,4 @@ def ppo_policy_loss(
         "ratio_max": torch.where(counted, ratio, 0.0).max() if ratio.numel() else ratio.new_zeros(()),
         **stats,
     }
-    return agg_loss(pg, m, agg), stats
+    return agg_rows(pg, m, agg, rows), stats

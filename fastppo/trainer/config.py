@@ -1,23 +1,28 @@
 """Configuration of ``fastppo train <preset>`` and the offline loops: dataclasses, every field
 documented and placed in a section of the ``--help``.
 
-Parsed by transformers' ``HfArgumentParser``: fields are command-line flags (``--lr 1e-3``) and
-can come from a JSON or YAML file (``fastppo train ppo run.yaml``). Bad values fail at start.
+Every field is a command-line flag (``--lr 1e-3``) and can come from a JSON or YAML file
+(``fastppo train ppo run.yaml``); ``flags.py`` builds the parser. ``PPOConfig`` is ``PPOFields``
+plus the hyperparameters that the registered advantage estimators and policy losses declare
+(``registry.py``). Bad values fail at start, in one line naming the field.
 """
 
 import importlib.util
 import math
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import ClassVar
 
 from fastppo.reference import RolloutCorrection
-from fastppo.trainer import lora
+from fastppo.trainer import algorithms, lora, registry
 from fastppo.trainer.errors import UsageError
 from fastppo.trainer.hub import check_model
 from fastppo.trainer.metrics import reporters
+from fastppo.trainer.registry import Hyperparameter
 from fastppo.trainer.sources import Source, check_source
 
-#: Sections of `fastppo train <preset> --help`: the PPOConfig fields of each, in order.
+#: Sections of `fastppo train <preset> --help`: the PPOFields of each, in order; the registered
+#: hyperparameters follow policy_loss (``flags.section_fields``).
 SECTIONS = {
     "model": ("policy critic attention padding_free fused_lm_head gradient_checkpointing lora_r lora_alpha "
               "lora_dropout lora_target_modules").split(),
@@ -26,8 +31,7 @@ SECTIONS = {
     "rollout": ("batch_size group_size max_new_tokens temperature top_p drop_truncated "
                 "dynamic_sampling").split(),
     "algorithm": ("algo advantage policy_loss loss_agg kl_coef kl_estimator kl_in kl_target kl_horizon "
-                  "ppo_epochs clip_low clip_high dual_clip sapo_tau_pos sapo_tau_neg value_clip value_coef "
-                  "gamma lam entropy_coef whiten_advantages").split(),
+                  "ppo_epochs value_clip value_coef gamma lam entropy_coef whiten_advantages").split(),
     "rollout correction": "rollout_is rollout_is_mode rollout_is_high rollout_is_low".split(),
     "rollout engine": ("rollout_engine vllm_server_url vllm_gpu_memory_utilization vllm_sleep "
                        "verify_sync_every").split(),
@@ -108,10 +112,32 @@ class RewardFields:
     )
 
 
+#: The critic's flags: shown in ``--help`` where the estimator needs a critic.
+CRITIC_FIELDS = ("critic", "critic_lr", "value_clip", "value_coef")
+
+#: KL estimators of ``fastppo.kl_penalty`` and where the penalty goes.
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_PLACES = ("reward", "loss")
+ROLLOUT_IS_LEVELS = ("off", "token", "sequence", "geometric")
+
+
+def _preset(text: str, default=None, choices=None):
+    """A field that a preset may set: None until ``__post_init__`` gives it the preset's value, else
+    ``default`` (None: every preset sets it). ``choices``: a function of the valid values."""
+    metadata = {"help": text, "default": default} | ({"choices": choices} if choices else {})
+    return field(default=None, metadata=metadata)
+
+
+def _choice(text: str, default, choices):
+    return field(default=default, metadata={"help": text, "choices": choices})
+
+
 @dataclass
-class PPOConfig(DataFields, RewardFields):
+class PPOFields(DataFields, RewardFields):
     """`fastppo train <preset>`: PPO and the critic-free methods. ``algo`` names a preset
-    (fastppo.trainer.algorithms.PRESETS); a field left unset (None) takes the preset's value."""
+    (fastppo.trainer.algorithms.PRESETS); a field left unset (None) takes the preset's value, else
+    its own default. ``PPOConfig`` adds the hyperparameters the registered estimators and losses
+    declare (``registry.Hyperparameter``)."""
 
     # Model.
     policy: str | None = _help(
@@ -173,15 +199,12 @@ class PPOConfig(DataFields, RewardFields):
 
     # Rollout.
     batch_size: int = _help("Sequences per iteration (prompts × group_size).", default=128)
-    group_size: int | None = _help(
-        "Responses sampled per prompt (preset: 1 for ppo/reinforce++, 8 else).", default=None
-    )
+    group_size: int | None = _preset("Responses sampled per prompt.")
     max_new_tokens: int = _help("Longest response.", default=8)
     temperature: float = _help("Sampling temperature (also used for the training log-probs).", default=1.0)
     top_p: float = _help("Nucleus sampling threshold.", default=1.0)
-    drop_truncated: bool | None = _help(
-        "Leave responses without an EOS (cut at max_new_tokens) out of the update (preset: dapo).",
-        default=None,
+    drop_truncated: bool | None = _preset(
+        "Leave responses without an EOS (cut at max_new_tokens) out of the update.", default=False
     )
     dynamic_sampling: bool = _help(
         "Leave groups whose scores are all equal out of the update (DAPO's dynamic sampling; they have no "
@@ -190,55 +213,44 @@ class PPOConfig(DataFields, RewardFields):
     )
 
     # Algorithm.
-    algo: str = _help(
-        "The preset: ppo, grpo, dr_grpo, rloo, reinforce++, dapo, gspo or cispo.", default="ppo"
+    algo: str = _choice("The preset: NAME in `fastppo train NAME`.", "ppo", lambda: algorithms.PRESETS)
+    advantage: str | None = _preset(
+        "Advantage estimator (`fastppo train --help` describes each).", choices=lambda: algorithms.ADVANTAGES
     )
-    advantage: str | None = _help(
-        "Advantage estimator: gae, grpo, dr_grpo, rloo, reinforce++, reinforce++-baseline (preset's).",
-        default=None,
+    policy_loss: str | None = _preset(
+        "Policy loss (`fastppo train --help` describes each).",
+        default="ppo-clip",
+        choices=lambda: algorithms.POLICY_LOSSES,
     )
-    policy_loss: str | None = _help(
-        "Policy loss: ppo-clip, gspo, cispo, sapo or geo_mean (fastppo.trainer.algorithms.POLICY_LOSSES; "
-        "default ppo-clip, the gspo and cispo presets their own).",
-        default=None,
+    loss_agg: str | None = _preset(
+        "How the token losses of a mini-batch are averaged: "
+        + "; ".join(f"{name}: {what}" for name, what in algorithms.LOSS_AGGREGATIONS.items())
+        + ".",
+        default="token-mean",
+        choices=lambda: algorithms.LOSS_AGGREGATIONS,
     )
-    loss_agg: str | None = _help(
-        "How token losses of a mini-batch are averaged: token-mean, seq-mean-token-mean or "
-        "seq-mean-token-sum-norm (default token-mean; dr_grpo's preset: seq-mean-token-sum-norm).",
-        default=None,
-    )
-    kl_coef: float | None = _help("KL penalty coefficient (default 0.01; dapo: 0).", default=None)
-    kl_estimator: str | None = _help(
-        "KL estimator: k1, k2, k3 or abs (preset: k1 in rewards, k3 in loss).", default=None
-    )
-    kl_in: str | None = _help(
+    kl_coef: float | None = _preset("KL penalty coefficient.", default=0.01)
+    kl_estimator: str | None = _preset("KL estimator (fastppo.kl_penalty).", choices=lambda: KL_ESTIMATORS)
+    kl_in: str | None = _preset(
         "Where the KL penalty goes: 'reward' (shaped into the per-token rewards) or 'loss' (a term of the "
-        "policy loss); preset's.",
-        default=None,
+        "policy loss).",
+        choices=lambda: KL_PLACES,
     )
     kl_target: float | None = _help("Adaptive KL controller target (off when unset).", default=None)
     kl_horizon: int = _help("Adaptive KL controller horizon in sequences.", default=10000)
     ppo_epochs: int = _help("Passes over each rollout batch.", default=2)
-    clip_low: float | None = _help(
-        "Ratio clip below 1 (default 0.2; gspo: 3e-4; cispo: 1, no lower bound).", default=None
-    )
-    clip_high: float | None = _help(
-        "Ratio clip above 1 (default: clip_low; dapo: 0.28; gspo: 4e-4; cispo: 4, weights up to 5).",
-        default=None,
-    )
-    dual_clip: float | None = _help("Dual clip c > 1 for negative advantages (off by default).", default=None)
     value_clip: float = _help("Value loss clip around the old values.", default=0.2)
     value_coef: float = _help("Weight of the value loss (it trains the critic only).", default=0.5)
     gamma: float = _help("Discount.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
-    sapo_tau_pos: float = _help("SAPO gate temperature for positive advantages.", default=1.0)
-    sapo_tau_neg: float = _help("SAPO gate temperature for negative advantages.", default=1.05)
     entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
     # Rollout correction.
-    rollout_is: str = _help(
+    rollout_is: str = _choice(
         "Correct for the sampler: importance weights π_trainer/π_sampler from the log-probs generation "
         "sampled with, per 'token', per 'sequence' (product) or 'geometric' (mean); 'off'.",
-        default="off",
+        "off",
+        lambda: ROLLOUT_IS_LEVELS,
     )
     rollout_is_mode: str = _help(
         "'truncate' (TIS: weights clamped to [rollout_is_low, rollout_is_high]) or 'mask' (MIS: weight 0 "
@@ -246,8 +258,7 @@ class PPOConfig(DataFields, RewardFields):
         default="truncate",
     )
     rollout_is_high: float = _help("Upper bound of the rollout importance weights.", default=2.0)
-    rollout_is_low: float | None = _help("Lower bound (default none; mask mode: 0).", default=None)
-    whiten_advantages: bool = _help("Whiten advantages over the batch's response tokens.", default=True)
+    rollout_is_low: float | None = _help("Lower bound (unset: none; mask mode: 0).", default=None)
 
     # Rollout engine.
     rollout_engine: str = _help(
@@ -291,7 +302,7 @@ class PPOConfig(DataFields, RewardFields):
 
     # Logging and checkpoints.
     output_dir: str | None = _help(
-        "Checkpoints, metrics.jsonl and logs (default fastppo-runs/<algo>).", default=None
+        "Checkpoints, metrics.jsonl and logs (unset: fastppo-runs/<preset>).", default=None
     )
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", default=False)
     overwrite: bool = _help(
@@ -315,34 +326,20 @@ class PPOConfig(DataFields, RewardFields):
         default=False,
     )
 
-    def __post_init__(self):
-        from fastppo.trainer.algorithms import ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES, PRESETS
+    #: The registered hyperparameters that are fields of this class (set by ``ppo_config``).
+    HYPERPARAMETERS: ClassVar[tuple[Hyperparameter, ...]] = ()
 
-        _one_of("algo", self.algo, PRESETS)
-        for name, value in PRESETS[self.algo].defaults.items():  # the preset fills what is unset
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        general = dict(
-            kl_coef=0.01, loss_agg="token-mean", drop_truncated=False, policy_loss="ppo-clip", clip_low=0.2
-        )
-        for name, value in general.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.output_dir is None:
-            self.output_dir = f"fastppo-runs/{self.algo}"
-        _one_of("advantage", self.advantage, ADVANTAGES)
-        _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _one_of("loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
-        _one_of("kl_estimator", self.kl_estimator, ("k1", "k2", "k3", "abs"))
-        _one_of("kl_in", self.kl_in, ("reward", "loss"))
-        estimator = ADVANTAGES[self.advantage]
+    def __post_init__(self):
+        self._fill_unset()
+        self._check_choices_and_hyperparameters()
+        estimator = algorithms.ADVANTAGES[self.advantage]
         if self.kl_in == "reward" and not estimator.token_rewards and self.kl_coef > 0:
             raise UsageError(
                 f"kl_in: advantage {self.advantage} scores whole responses; put the KL in the loss"
             )
         positive = (
             "iterations batch_size group_size max_new_tokens ppo_epochs minibatch_size "
-            "max_tokens_per_microbatch lr critic_lr temperature max_grad_norm clip_low value_clip "
+            "max_tokens_per_microbatch lr critic_lr temperature max_grad_norm value_clip "
             "kl_horizon max_nonfinite_steps"
         ).split()
         for name in positive:
@@ -352,15 +349,6 @@ class PPOConfig(DataFields, RewardFields):
         for name in ("gamma", "lam", "top_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.clip_high is not None and self.clip_high <= 0:
-            raise UsageError(f"clip_high must be > 0, got {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise UsageError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
-            raise UsageError(
-                f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}"
-            )
-        _one_of("rollout_is", self.rollout_is, ("off", "token", "sequence", "geometric"))
         check_engine(self)
         try:
             self.rollout_correction()  # its bounds are checked there
@@ -398,6 +386,21 @@ class PPOConfig(DataFields, RewardFields):
         _check_sources(models=("policy", "critic"), data=("prompts",), config=self)
         check_reward_fields(self)
 
+    def _fill_unset(self) -> None:
+        """Unset (None) fields that a preset may set: the preset's value, else the field's default."""
+        _one_of("algo", self.algo, algorithms.PRESETS)
+        for name, value in resolved_defaults(type(self), self.algo).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def _check_choices_and_hyperparameters(self) -> None:
+        for f in fields(self):
+            if "choices" in f.metadata:
+                _one_of(f.name, getattr(self, f.name), f.metadata["choices"]())
+        for p in self.HYPERPARAMETERS:
+            if message := p.complaint(getattr(self, p.name)):
+                raise UsageError(message)
+
     def rollout_correction(self) -> RolloutCorrection | None:
         """The ``fastppo.RolloutCorrection`` of the rollout_is options, or None when off."""
         if self.rollout_is == "off":
@@ -405,6 +408,41 @@ class PPOConfig(DataFields, RewardFields):
         return RolloutCorrection(
             self.rollout_is, self.rollout_is_mode, self.rollout_is_high, self.rollout_is_low
         )
+
+
+def resolved_defaults(cls, algo: str) -> dict:
+    """{field: value} for the preset ``algo``: each field it sets, each other field a preset may set
+    (``_preset`` and the registered hyperparameters) at its own default, and ``output_dir``."""
+    preset = algorithms.PRESETS[algo].defaults
+    names = {f.name for f in fields(cls)}
+    if unknown := sorted(set(preset) - names):
+        raise ValueError(f"preset {algo} sets {unknown}, which are not fields of {cls.__name__}")
+    out = {f.name: preset.get(f.name, f.metadata["default"]) for f in fields(cls) if "default" in f.metadata}
+    return out | {"output_dir": f"fastppo-runs/{algo}"}
+
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def ppo_config() -> type:
+    """``PPOConfig``: ``PPOFields`` plus a field for each hyperparameter the registries hold now
+    (None until set: the preset's value, else the hyperparameter's default). Built once per set of
+    hyperparameters, so an entry registered after this module was imported gets its flag too."""
+    params = tuple(registry.hyperparameters().values())
+    if params not in _CLASSES:
+        names = {f.name for f in fields(PPOFields)}
+        if clash := [p.name for p in params if p.name in names]:
+            raise ValueError(f"hyperparameters {clash} clash with PPOConfig's own fields")
+        extra = [
+            (p.name, p.type | None, field(default=None, metadata={"help": p.help, "default": p.default}))
+            for p in params
+        ]
+        namespace = {"HYPERPARAMETERS": params, "__doc__": PPOFields.__doc__, "__module__": __name__}
+        _CLASSES[params] = make_dataclass("PPOConfig", extra, bases=(PPOFields,), namespace=namespace)
+    return _CLASSES[params]
+
+
+PPOConfig = ppo_config()
 
 
 def check_engine(cfg) -> None:

@@ -27,7 +27,6 @@ from fastppo.trainer.config import DataFields, RewardFields, check_engine_fields
 from fastppo.trainer.data import PromptRows, check_chat_template, read_prompt_rows
 from fastppo.trainer.errors import EngineError, UsageError
 from fastppo.trainer.hub import check_model
-from fastppo.trainer.layout import to_padded
 from fastppo.trainer.passes import token_logprobs_of
 from fastppo.trainer.rewards import Rewards, check_reward_fields, load_rewards
 from fastppo.trainer.sources import Source, check_source
@@ -299,7 +298,6 @@ def respond(
     for start in range(0, len(prompts), cfg.batch_size):
         chunk, columns = prompts.take(list(range(start, min(start + cfg.batch_size, len(prompts)))))
         samples = sampling.sample(sampler, tokenizer, chunk, settings, device)
-        mask = samples.response_mask  # (B, R)
         run.texts += samples.texts
         columns["completion_ids"] = samples.response_ids()
         scored = reward(chunk, samples.texts, columns)
@@ -313,8 +311,7 @@ def respond(
                 logp, ref_logp = (
                     token_logprobs_of(m, tokens, temperature=tau)[0] for m in (model, reference)
                 )
-            kl = fastppo.kl_penalty(to_padded(logp, mask), to_padded(ref_logp, mask), "k1")  # (B, R)
-            run.kls += kl.sum(1).tolist()
+            run.kls += tokens.row_sums(fastppo.kl_penalty(logp, ref_logp, "k1")).tolist()  # (B,) sums
     return run
 
 

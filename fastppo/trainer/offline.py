@@ -167,24 +167,8 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)  # fmt: skip
     order_rng = random.Random(cfg.seed)  # the order of the batches
-    history, step, first_epoch, skip = [], 0, 0, 0
-    nonfinite = runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
-
-    last = checkpoint.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and last is None:
-        log(f"resume: no checkpoint in {out}, starting from scratch")
-    if last is not None:
-        if lora.is_peft(model):
-            lora.load_adapter(model, last / folder)
-        else:
-            model.load_state_dict(type(model).from_pretrained(last / folder).state_dict())
-        state = checkpoint.load_trainer_state(last)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        order_rng.setstate(state["order_rng"])
-        step, first_epoch, skip = state["step"], state["epoch"], state.get("batches_done", 0)
-        log(f"resumed from {last} at step {step}")
+    history, nonfinite = [], runtime.NonFiniteSteps(cfg.max_nonfinite_steps)
+    last, step, first_epoch, skip = resume_fit(cfg, out, model, folder, optimizer, scheduler, order_rng, log)
 
     def save(epoch: int, batches_done: int, epoch_order) -> None:
         """A checkpoint at ``step``: continue with epoch ``epoch`` (0-based), whose batch order
@@ -225,16 +209,37 @@ def fit(cfg: OfflineConfig, name: str, model, tokenizer, rows, loss_fn, log=prin
             skip = 0
             if eval_rows:
                 held_out = evaluate(model, tokenizer, eval_rows, loss_fn, cfg.batch_size, device)
-                record = {"step": step, "epoch": epoch + 1, **held_out}
                 log(f"{name} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
-                history.append(record)
-                metrics.write(record, step)
+                history.append({"step": step, "epoch": epoch + 1, **held_out})
+                metrics.write(history[-1], step)
             save(epoch + 1, 0, order_rng.getstate())
     metrics.close()
     if signum:
         name_of = signal.Signals(signum).name
         raise Interrupted(name_of, signum, step, str(out / f"checkpoint-{step}"))
     return history
+
+
+def resume_fit(cfg: OfflineConfig, out: Path, model, folder: str, optimizer, scheduler, order_rng, log):
+    """With ``cfg.resume``, the latest checkpoint in ``out`` loaded into ``model`` (its ``folder``),
+    the optimizer, the scheduler and the random states. Returns (that checkpoint or None, its step,
+    the epoch to continue with, and how many of that epoch's batches are done)."""
+    last = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and last is None:
+        log(f"resume: no checkpoint in {out}, starting from scratch")
+    if last is None:
+        return None, 0, 0, 0
+    if lora.is_peft(model):
+        lora.load_adapter(model, last / folder)
+    else:
+        model.load_state_dict(type(model).from_pretrained(last / folder).state_dict())
+    state = checkpoint.load_trainer_state(last)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    order_rng.setstate(state["order_rng"])
+    log(f"resumed from {last} at step {state['step']}")
+    return last, state["step"], state["epoch"], state.get("batches_done", 0)
 
 
 def train_step(cfg, model, tokenizer, rows_batch, loss_fn, optimizer, scheduler, device) -> dict | None:

@@ -7,7 +7,8 @@ stood in for by ``ResponseHead``, which turns the body's hidden states there int
 ``fastppo.linear_logprobs`` with the lm_head's weight (fused: the logits never exist beyond one
 chunk of rows), or the lm_head then ``fastppo.token_logprobs`` (``fused=False``). DDP and FSDP see
 an ordinary forward, with the head's weight gathered inside it. ``values_of`` reads a critic (a
-token-classification model) at the same positions.
+token-classification model) at the same positions. ``model_inputs`` hands sdpa and eager models
+their attention mask ready-made, so that a pass reads nothing back from the device.
 """
 
 import contextlib
@@ -64,6 +65,29 @@ def head_replaced(model: torch.nn.Module, head: torch.nn.Module):
         model.set_output_embeddings(original)
 
 
+#: Attention implementations whose 4-D mask fastppo builds (``TokenBatch.attention_mask_4d``):
+#: None for sdpa's boolean mask, True for eager's additive mask in the model's dtype.
+_MASK_BUILT = {"sdpa": None, "eager": True}
+
+
+def model_inputs(model: torch.nn.Module, tokens: TokenBatch) -> dict:
+    """``tokens.inputs`` for ``model`` (possibly wrapped): with its 4-D attention mask when it runs
+    sdpa or eager attention on full-attention layers only (transformers' mask builder would
+    read the mask back to the host to look for shortcuts); otherwise as they are (flash attention
+    takes the padding or the packed position ids itself; sliding windows need its own masks)."""
+    model = runtime.unwrap(model)
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    layers = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if implementation not in _MASK_BUILT or layers != {"full_attention"}:
+        return tokens.inputs
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return tokens.inputs
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft, AdapterDisabled
+    dtype = base.dtype if _MASK_BUILT[implementation] else None
+    return tokens.inputs | {"attention_mask": tokens.attention_mask_4d(dtype)}
+
+
 def token_logprobs_of(
     model, tokens: TokenBatch, *, temperature: float, entropy: bool = False, fused: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,13 +98,13 @@ def token_logprobs_of(
     if head_runs_last(causal_lm):
         head = ResponseHead(causal_lm.get_output_embeddings(), tokens, temperature, entropy, fused)
         with head_replaced(causal_lm, head):
-            out = model(**tokens.inputs, logits_to_keep=tokens.positions).logits
+            out = model(**model_inputs(causal_lm, tokens), logits_to_keep=tokens.positions).logits
         return out[..., 0], (out[..., 1] if entropy else None)
-    logits = tokens.select(model(**tokens.inputs).logits)
+    logits = tokens.select(model(**model_inputs(causal_lm, tokens)).logits)
     result = fastppo.token_logprobs(logits, tokens.labels, temperature=temperature, return_entropy=entropy)
     return result if entropy else (result, None)
 
 
 def values_of(critic, tokens: TokenBatch) -> torch.Tensor:
     """(n,) fp32 values of a token-classification critic (num_labels=1) at the label positions."""
-    return tokens.select(critic(**tokens.inputs).logits)[..., 0].float()
+    return tokens.select(critic(**model_inputs(critic, tokens)).logits)[..., 0].float()

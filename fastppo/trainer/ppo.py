@@ -241,11 +241,12 @@ def with_advantages(cfg: PPOConfig, rollout: Rollout, keep: torch.Tensor, kl_coe
     """The rollout with ``advantages`` (and the critic's ``returns``) from cfg.advantage's
     estimator; whitening statistics come from the ``keep`` (B,) responses."""
     inputs = AdvantageInputs(
-        scores=rollout.scores, mask=rollout.response_mask, group_ids=rollout.group_ids, values=rollout.values,
-        kl=kl_per_token(rollout, cfg.kl_estimator), kl_coef=kl_coef if cfg.kl_in == "reward" else 0.0,
-        gamma=cfg.gamma, lam=cfg.lam,
+        scores=rollout.scores, mask=torch.ones_like(rollout.old_logp, dtype=torch.bool),
+        group_ids=rollout.group_ids, values=rollout.values, kl=kl_per_token(rollout, cfg.kl_estimator),
+        kl_coef=kl_coef if cfg.kl_in == "reward" else 0.0, gamma=cfg.gamma, lam=cfg.lam,
+        cu_seqlens=rollout.cu_seqlens,
     )  # fmt: skip
-    estimator = ADVANTAGES[cfg.advantage]
+    estimator = ADVANTAGES[cfg.advantage].bound(cfg)  # its own hyperparameters from cfg
     adv, returns = algorithms.advantages(estimator, inputs, whiten=cfg.whiten_advantages, keep=keep)
     return replace(rollout, advantages=adv, returns=returns)
 
@@ -263,23 +264,21 @@ def micro_batch_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Losses of one micro-batch, scaled so that the micro-batches of a mini-batch add up to its
     aggregate (``normaliser``: see ``algorithms.loss_normaliser``; the value loss is a token
-    mean over the mini-batch's ``n_tokens``). The policy and critic passes share one layout."""
+    mean over the mini-batch's ``n_tokens``). The policy and critic passes share one layout, and
+    the loss reads the packed per-token tensors as they are: nothing is read back to the host."""
     tokens = batch.tokens(cfg.padding_free)
     with runtime.autocast(device):
         logp, entropy = token_logprobs_of(
             policy, tokens, temperature=cfg.temperature, entropy=True, fused=cfg.fused_lm_head
         )
     kl_in_loss = cfg.kl_in == "loss" and kl_coef > 0
-    weights = batch.flat(algorithms.token_weights(batch.response_mask, cfg.loss_agg))
-    lengths = batch.response_mask.sum(1)
+    weights = algorithms.token_weights(batch.cu_seqlens, logp.shape[0], cfg.loss_agg)
     corrected = cfg.rollout_is != "off"
-    policy_sum, stats = POLICY_LOSSES[cfg.policy_loss].compute(PolicyLossInputs(
-        logp=logp, old_logp=batch.flat(batch.old_logp), advantages=batch.flat(batch.advantages),
-        weights=weights, cu_seqlens=torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
-        ref_logp=batch.flat(batch.ref_logp) if kl_in_loss else None, kl_coef=kl_coef,
-        kl_estimator=cfg.kl_estimator, entropy=entropy, entropy_coef=cfg.entropy_coef, clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, sapo_tau=(cfg.sapo_tau_pos, cfg.sapo_tau_neg),
-        rollout_logp=batch.flat(batch.rollout_logp) if corrected else None,
+    policy_sum, stats = POLICY_LOSSES[cfg.policy_loss].bound(cfg).compute(PolicyLossInputs(
+        logp=logp, old_logp=batch.old_logp, advantages=batch.advantages, weights=weights,
+        cu_seqlens=batch.cu_seqlens, ref_logp=batch.ref_logp if kl_in_loss else None, kl_coef=kl_coef,
+        kl_estimator=cfg.kl_estimator, entropy=entropy, entropy_coef=cfg.entropy_coef,
+        rollout_logp=batch.rollout_logp if corrected else None,
         rollout_correction=cfg.rollout_correction(),
     ))  # fmt: skip
     loss = policy_sum / normaliser
@@ -288,8 +287,8 @@ def micro_batch_losses(
         with runtime.autocast(device):
             values = values_of(critic, tokens)
         ones = torch.ones_like(values)
-        value_loss, _ = fastppo.value_loss(values, batch.flat(batch.values), batch.flat(batch.returns), ones,
-                                           clip=cfg.value_clip, agg="token-sum")  # fmt: skip
+        value_loss, _ = fastppo.value_loss(values, batch.values, batch.returns, ones, clip=cfg.value_clip,
+                                           agg="token-sum")  # fmt: skip
         value_loss = value_loss / n_tokens
         loss = loss + cfg.value_coef * value_loss
     return loss, policy_sum.detach() / normaliser, value_loss.detach(), stats
@@ -332,19 +331,22 @@ def accumulate_gradients(run: Run, batch: Rollout, totals: LossTotals) -> None:
 
     Ranks plan their own micro-batches, then split some until all have the same count (FSDP runs
     collectives in every forward and backward); gradients are reduced on the last one only.
+    Planned on the host from the lengths the rollout read once: each micro-batch's index tensors
+    are copied to the device, and nothing is read back (statistics are summed in ``totals``).
     """
     cfg = run.cfg
-    n_tokens = max(int(batch.response_mask.sum()), 1)
-    normaliser = algorithms.loss_normaliser(batch.response_mask, cfg.loss_agg, cfg.max_new_tokens)
+    lengths = batch.response_lengths  # (B,) on the host
+    n_tokens = max(int(lengths.sum()), 1)
+    normaliser = algorithms.loss_normaliser(lengths, cfg.loss_agg, cfg.max_new_tokens)
     micros = [
-        m for m in packing.plan_microbatches(batch.attention_mask.sum(1), cfg.max_tokens_per_microbatch) if m
+        m for m in packing.plan_microbatches(batch.host_attention.sum(1), cfg.max_tokens_per_microbatch) if m
     ]
     micros = runtime.same_count_on_all_ranks(micros, run.device, run.distributed)
     models = list(run.trained.values())
     for i, micro in enumerate(micros):
         with runtime.gradient_sync(models, enabled=i == len(micros) - 1):
             loss, policy_loss, value_loss, stats = micro_batch_losses(
-                cfg, run.policy, run.critic, batch.select(torch.as_tensor(micro, device=run.device)),
+                cfg, run.policy, run.critic, batch.select(micro),
                 kl_coef=run.kl_coef, normaliser=normaliser, n_tokens=n_tokens, device=run.device,
             )  # fmt: skip
             loss.backward()
@@ -359,19 +361,24 @@ def update(run: Run, batch: Rollout, iteration: int) -> dict:
     stats, how many sequences each pass used, and ``skipped_update`` (1 when none was left, so no
     step was taken: counted, and summed up once at the end of ``train``).
     Every rank takes as many optimizer steps (collectives under DDP and FSDP): ranks that keep
-    different numbers of responses all update on the smallest count."""
+    different numbers of responses all update on the smallest count.
+    Reads from the device: the non-finite-gradient guard once per optimizer step, the totals once
+    (and the smallest count once under DDP/FSDP); mini-batches are drawn on the host."""
     cfg, device = run.cfg, run.device
-    n = torch.tensor([len(batch)], device=device)
+    n_used = len(batch)
     if run.distributed.enabled:
+        n = torch.tensor([n_used], device=device)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-    n_used = int(n)
+        n_used = int(n)
     for model in run.trained.values():
         model.train()
     totals = LossTotals.zeros(cfg, device)
     steps = 0
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     for _ in range(cfg.ppo_epochs if n_used > 0 else 0):
-        for mb in torch.randperm(len(batch), device=device)[:n_used].split(cfg.minibatch_size):
+        order = random.sample(range(len(batch)), len(batch))[:n_used]  # python's generator: host-side
+        for start in range(0, n_used, cfg.minibatch_size):
+            mb = order[start : start + cfg.minibatch_size]
             run.optimizer.zero_grad(set_to_none=True)
             accumulate_gradients(run, batch.select(mb), totals)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -398,9 +405,7 @@ def iterate(run: Run, iteration: int) -> dict:
         local |= update(run, rollout.select(keep), iteration)
     run.sampler.wake()
     local["updated_fraction"] = local.pop("updated_sequences") / len(rollout)
-    local["generate/tokens_per_s"] = float(rollout.response_mask.sum()) / max(
-        phases.seconds["generate"], 1e-9
-    )
+    local["generate/tokens_per_s"] = rollout.n_tokens / max(phases.seconds["generate"], 1e-9)
     record = {"iteration": iteration + 1, **runtime.mean_over_ranks(local, run.device, run.distributed)}
     for key in filter(is_count, list(record)):
         record[key] = round(record[key] * run.distributed.world_size)

@@ -218,8 +218,8 @@ def same_count_on_all_ranks(
         return groups
     count = torch.tensor([len(groups)], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    groups = [list(g) for g in groups]
-    while len(groups) < int(count):
+    groups, target = [list(g) for g in groups], int(count)  # one read per mini-batch
+    while len(groups) < target:
         largest = max(range(len(groups)), key=lambda i: len(groups[i]))
         if len(groups[largest]) < 2:
             raise RuntimeError("cannot split micro-batches to match the other ranks")

@@ -1,8 +1,20 @@
 """Kernels for the compile gate's own tests: one that compiles, and two written to fail under the
 compiler while Triton's interpreter runs them, the two ways the first H200 run failed."""
 
+import importlib.util
+from collections import namedtuple
+from pathlib import Path
+
 import triton
 import triton.language as tl
+
+# By path: the gate's workers import this file where fastppo need not be installed (--python).
+_spec = importlib.util.spec_from_file_location(
+    "_fixture_common", Path(__file__).parents[2] / "fastppo" / "kernels" / "_common.py"
+)
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+codes = _common.codes
 
 _FLOOR: tl.constexpr = tl.constexpr(-1.0e30)  # a global a kernel may read
 _PLAIN_FLOOR = -1.0e30  # one it may not: the interpreter reads it, the compiler raises NameError
@@ -47,3 +59,28 @@ def row_sums_of_chunk_tiles(partials_ptr, out_ptr, B, C, BLOCK_B: tl.constexpr, 
         tl.store(out_ptr + 2 + rows, row_m, mask=rows < B)
     tl.store(out_ptr, total)
     tl.store(out_ptr + 1, rows_with_tokens)
+
+
+#: Named codes for kernels: a namedtuple global reads fine in the interpreter, but the compiler
+#: takes only a constexpr global, which is what ``_common.codes`` makes.
+_Mode = namedtuple("Mode", ("copy", "negate"))
+_PLAIN_MODE = _Mode(0, 1)
+MODE = codes("Mode", ("copy", "negate"))
+
+
+@triton.jit
+def by_code(x_ptr, out_ptr, N, BLOCK: tl.constexpr, M: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+    if M == MODE.negate:
+        x = -x
+    tl.store(out_ptr + offs, x, mask=offs < N)
+
+
+@triton.jit
+def by_plain_namedtuple(x_ptr, out_ptr, N, BLOCK: tl.constexpr, M: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+    if M == _PLAIN_MODE.negate:
+        x = -x
+    tl.store(out_ptr + offs, x, mask=offs < N)

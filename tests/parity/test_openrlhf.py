@@ -621,5 +621,6 @@ def test_signatures_are_the_peer_signatures():
 def test_bad_labels_get_a_clear_error(device):
     logits = torch.randn(2, 3, 11, device=device)
     labels = torch.tensor([[1, 2, 3], [4, 11, 0]], device=device)
-    with pytest.raises(ValueError, match="labels"):
+    # fastppo's value check reads nothing back: on CPU torch._assert_async raises RuntimeError
+    with pytest.raises((ValueError, RuntimeError), match=r"labels must lie in \[0, 11\)"):
         adapter.log_probs_from_logits(logits, labels)

@@ -25,6 +25,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 
 from fastppo.integrations import trl as adapter  # noqa: E402
 from fastppo.integrations import trl_grpo  # noqa: E402
+from fastppo.integrations._patching import TRL  # noqa: E402
 
 B, T, P = 5, 7, 3
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -338,6 +339,32 @@ def test_config_fallback_reasons():
     assert trl_grpo._config_fallback(_trainer("grpo", beta=-0.1)) is not None
 
 
+def test_unknown_option_falls_back_and_logs_its_reason_once(calls, caplog, monkeypatch):
+    """An option the allow-list has never seen (here one a newer TRL might add) runs TRL's loss,
+    whatever its value; the reason is logged the first time only."""
+    monkeypatch.setattr(trl_grpo, "_LOGGED", set())
+    inputs, logps, entropies = _batch(14)
+    trainer = _trainer(args_loss_rescaling_of_a_newer_trl=None)
+    with caplog.at_level("WARNING", logger=trl_grpo.__name__):
+        _check(trainer, inputs, logps, entropies, calls, "trl")
+        calls.clear()
+        _check(trainer, inputs, logps, entropies, calls, "trl")
+    logged = [r.getMessage() for r in caplog.records if r.name == trl_grpo.__name__]
+    assert logged == ["fastppo: TRL's own GRPO loss runs: option 'loss_rescaling_of_a_newer_trl' is not one "
+                      "fastppo's GRPO loss knows (trl 1.16.0)"]  # fmt: skip
+
+
+def test_allow_list_knows_every_grpo_config_option():
+    """Every field GRPOConfig adds to TrainingArguments in trl 1.16.0 is listed once, as reaching
+    the loss (checked by the rules) or not; a real GRPOConfig has no unknown option."""
+    from trl import GRPOConfig
+
+    own = set(trl_grpo._own_fields(GRPOConfig))
+    assert trl_grpo._LOSS_OPTIONS | trl_grpo._OTHER_OPTIONS == own
+    assert not trl_grpo._LOSS_OPTIONS & trl_grpo._OTHER_OPTIONS
+    assert set(trl_grpo._options(GRPOConfig(output_dir="unused", use_cpu=True))) == own
+
+
 # --- patch / unpatch ---------------------------------------------------------------------------
 
 
@@ -348,7 +375,7 @@ def test_patch_sets_the_class_entry_and_unpatch_restores_it():
     adapter.patch()
     try:
         assert vars(GRPOTrainer)["_compute_loss"] is trl_grpo.grpo_compute_loss
-        assert adapter._patcher.original(trl_grpo._MODULE, trl_grpo._METHOD) is original
+        assert TRL.original(trl_grpo._MODULE, trl_grpo._METHOD) is original
     finally:
         adapter.unpatch()
     assert vars(GRPOTrainer)["_compute_loss"] is original
